@@ -1,0 +1,1 @@
+"""glm-tune: ChatGLM-6B model and tokenizer for transformers 5."""

@@ -1,0 +1,490 @@
+"""ChatGLM-6B for PyTorch and transformers 5.
+
+Loads the official checkpoints unchanged (same parameter names) and computes the same numbers as the official
+remote code, which no longer runs on current transformers. The model is a GLM: a prefix-LM decoder whose prompt
+(everything before `<sop>`) attends bidirectionally and whose answer is generated causally, with 2D rotary position
+encoding (a position id and a block position id, each rotating one half of every attention head).
+
+Layout of a row, v1.1 rule (used in prefill, decoding and training alike):
+
+    tokens    a    b    c  [gMASK] <sop>  x    y
+    position  0    1    2    3      3     3    3     <- from <sop> on, the index of the mask token
+    block     0    0    0    0      1     2    3     <- 1, 2, 3, ... from <sop> on
+
+Positions are counted from each row's first real token, so left padding changes nothing. The attention mask and the
+positions are derived here from `input_ids` and the 2D padding mask: callers never build per-sample L x L tensors.
+"""
+
+import math
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+try:  # loaded from a checkpoint folder by trust_remote_code
+    from .configuration_chatglm import ChatGLMConfig
+except ImportError:  # imported from the repository root
+    from configuration_chatglm import ChatGLMConfig
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Positions and masks
+
+
+def locate_prompt(input_ids, config, real=None):
+    """Index of each row's first `<sop>` (row length if none) and of its mask token.
+
+    The mask token is the first [gMASK], else the first [MASK], else the token before `<sop>`.
+    """
+    length = input_ids.shape[-1]
+    if real is None:
+        real = torch.ones_like(input_ids, dtype=torch.bool)
+
+    def first(token_id, default):
+        hits = (input_ids == token_id) & real
+        return torch.where(hits.any(-1), hits.int().argmax(-1), default)
+
+    sop = first(config.bos_token_id, torch.full_like(input_ids[:, 0], length))
+    mask = first(config.gmask_token_id, first(config.mask_token_id, (sop - 1).clamp(min=0)))
+    return sop, mask
+
+
+def get_position_ids(input_ids, config, attention_mask=None):
+    """2D GLM positions [batch, 2, length] for whole rows (v1.1 rule, see the module docstring)."""
+    real = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+    rel = (real.long().cumsum(-1) - 1).clamp(min=0)  # index counted from the row's first real token
+    sop, mask = locate_prompt(input_ids, config, real)
+    answer = torch.arange(input_ids.shape[-1], device=input_ids.device) >= sop[:, None]
+    sop_rel = rel.gather(1, sop.clamp(max=input_ids.shape[-1] - 1)[:, None])
+    position = torch.where(answer, rel.gather(1, mask[:, None]), rel)
+    block = torch.where(answer, rel - sop_rel + 1, torch.zeros_like(rel))
+    return torch.stack((position, block), dim=1)
+
+
+def build_attention_mask(key_real, query_start, query_len, prompt_len, prefix_len=0):
+    """Boolean SDPA mask [batch, 1, q, prefix + keys]: True where a query may attend.
+
+    key j is visible to query i when it is a real token and either j <= i (causal) or j < prompt_len (the
+    bidirectional prompt before `<sop>`). P-Tuning prefix keys are visible to all.
+    """
+    n_keys = key_real.shape[-1]
+    k = torch.arange(n_keys, device=key_real.device)
+    q = torch.arange(query_start, query_start + query_len, device=key_real.device)
+    allowed = (k[None, None, :] <= q[None, :, None]) | (k[None, None, :] < prompt_len[:, None, None])
+    # A padding query may see nothing; letting every query see itself keeps softmax finite. Real outputs unchanged.
+    allowed = (allowed & key_real[:, None, :]) | (k[None, None, :] == q[None, :, None])
+    if prefix_len:
+        allowed = F.pad(allowed, (prefix_len, 0), value=True)
+    return allowed[:, None]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Rotary encoding
+
+
+def rope_inv_freq(rot_dim, base=10000.0):
+    # The official code stores these frequencies in float16; keep that rounding so fp32 logits match it exactly.
+    inv_freq = 1.0 / base ** (torch.arange(0, rot_dim, 2, dtype=torch.float32) / rot_dim)
+    return inv_freq.half().float()
+
+
+def rotate_halves(x):
+    """rotate_half applied to each half of the head separately: [a1 a2 | b1 b2] -> [-a2 a1 | -b2 b1]."""
+    x = x.unflatten(-1, (2, 2, x.shape[-1] // 4))
+    return torch.stack((-x[..., 1, :], x[..., 0, :]), dim=-2).flatten(-3)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos / sin tables for 2D rotary encoding: the first half of a head turns with the position id, the second half
+    with the block position id. `inv_freq` is a buffer only so the official checkpoints' keys have a home; like the
+    official code, the frequencies are recomputed rather than read back (a bf16 copy would be too coarse)."""
+
+    def __init__(self, head_dim):
+        super().__init__()
+        self.rot_dim = head_dim // 2
+        self.register_buffer("inv_freq", rope_inv_freq(self.rot_dim))
+
+    def forward(self, position_ids, dtype):
+        inv_freq = rope_inv_freq(self.rot_dim).to(position_ids.device)
+        inv_freq = torch.cat((inv_freq, inv_freq))
+        # [batch, 2, length, rot_dim] -> [batch, length, head_dim]: position half, then block half
+        angles = (position_ids[..., None].float() * inv_freq).transpose(1, 2).flatten(-2)
+        # broadcast over heads and over the (q, k) pair: [batch, length, 1, 1, head_dim]
+        return angles.cos().to(dtype)[:, :, None, None], angles.sin().to(dtype)[:, :, None, None]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Blocks
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.rotary_emb = RotaryEmbedding(self.head_dim)
+        # Official layout of the fused projection: per head, [q | k | v] consecutive.
+        self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size)
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, x, rope, attn_mask, cache=None, prefix_key=None, prefix_value=None):
+        batch, length, _ = x.shape
+        qkv = self.query_key_value(x).view(batch, length, self.num_heads, 3, self.head_dim)
+        cos, sin = rope
+        qk = qkv[..., :2, :]
+        qk = qk * cos + rotate_halves(qk) * sin
+        q, k, v = (t.transpose(1, 2) for t in (qk[..., 0, :], qk[..., 1, :], qkv[..., 2, :]))  # [b, heads, len, d]
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+        if prefix_key is not None:
+            k = torch.cat((prefix_key.expand(batch, -1, -1, -1), k), dim=2)
+            v = torch.cat((prefix_value.expand(batch, -1, -1, -1), v), dim=2)
+        # Scores are q.k / sqrt(d); the official per-layer rescaling cancels out, so SDPA's default scale is exact.
+        if attn_mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=length > 1)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.dense(out.transpose(1, 2).reshape(batch, length, -1))
+
+
+class GLU(nn.Module):
+    """The official name for a plain two-layer MLP with tanh-approximated GELU."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.dense_h_to_4h = nn.Linear(config.hidden_size, config.inner_hidden_size)
+        self.dense_4h_to_h = nn.Linear(config.inner_hidden_size, config.hidden_size)
+
+    def forward(self, x):
+        return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x), approximate="tanh"))
+
+
+class GLMBlock(GradientCheckpointingLayer):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+        self.attention = SelfAttention(config, layer_idx)
+        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+        self.mlp = GLU(config)
+        # GLM's deep-norm style residual: the layer-normed input, scaled by sqrt(2 * num_layers), is the residual.
+        self.alpha = (2 * config.num_layers) ** 0.5
+
+    def forward(self, hidden_states, prefix_key=None, prefix_value=None, rope=None, attn_mask=None, cache=None):
+        x = self.input_layernorm(hidden_states)
+        h = x * self.alpha + self.attention(x, rope, attn_mask, cache, prefix_key, prefix_value)
+        x = self.post_attention_layernorm(h)
+        return x * self.alpha + self.mlp(x)
+
+
+class PrefixEncoder(nn.Module):
+    """P-Tuning v2: trainable per-layer key/value prefixes, optionally produced by a two-layer MLP."""
+
+    def __init__(self, config):
+        super().__init__()
+        kv_size = config.num_layers * config.hidden_size * 2
+        self.prefix_projection = config.prefix_projection
+        if self.prefix_projection:
+            self.embedding = nn.Embedding(config.pre_seq_len, config.hidden_size)
+            self.trans = nn.Sequential(
+                nn.Linear(config.hidden_size, config.hidden_size), nn.Tanh(), nn.Linear(config.hidden_size, kv_size)
+            )
+        else:
+            self.embedding = nn.Embedding(config.pre_seq_len, kv_size)
+
+    def forward(self):
+        kv = self.embedding.weight
+        return self.trans(kv) if self.prefix_projection else kv
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Models
+
+
+class ChatGLMPreTrainedModel(PreTrainedModel):
+    config_class = ChatGLMConfig
+    base_model_prefix = "transformer"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["GLMBlock"]
+    _supports_sdpa = True
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, RotaryEmbedding):
+            with torch.no_grad():
+                module.inv_freq.copy_(rope_inv_freq(module.rot_dim))
+
+
+class ChatGLMModel(ChatGLMPreTrainedModel):
+    def __init__(self, config):
+        super().__init__(config)
+        if config.quantization_bit:
+            raise ValueError(
+                f"quantization_bit={config.quantization_bit}: quantized ChatGLM checkpoints (chatglm-6b-int4/int8) "
+                "store packed weights this implementation does not read; use the fp16 checkpoint"
+            )
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(GLMBlock(config, i) for i in range(config.num_layers))
+        self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+        self.pre_seq_len = config.pre_seq_len
+        if self.pre_seq_len:
+            self.prefix_encoder = PrefixEncoder(config)
+            self.prefix_dropout = nn.Dropout(0.1)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.word_embeddings
+
+    def set_input_embeddings(self, value):
+        self.word_embeddings = value
+
+    def prefix_key_values(self, dtype):
+        """Per-layer (key, value) prefixes, each [1, heads, pre_seq_len, head_dim]."""
+        cfg = self.config
+        kv = self.prefix_dropout(self.prefix_encoder().to(dtype))
+        kv = kv.view(self.pre_seq_len, cfg.num_layers * 2, cfg.num_attention_heads, cfg.head_dim)
+        kv = kv.permute(1, 2, 0, 3)[:, None]  # [layers*2, 1, heads, pre_seq_len, d]
+        return [(kv[2 * i], kv[2 * i + 1]) for i in range(cfg.num_layers)]
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        cache=None,
+        inputs_embeds=None,
+        use_cache=None,
+        past_key_values=None,
+        **kwargs,
+    ):
+        cache = cache if cache is not None else past_key_values
+        use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        if inputs_embeds is None:
+            inputs_embeds = self.word_embeddings(input_ids)
+        batch, length = inputs_embeds.shape[:2]
+        past = cache.get_seq_length() if cache is not None else 0
+        device = inputs_embeds.device
+
+        if attention_mask is not None and attention_mask.dim() == 4:
+            # The official collators' dense mask (True = hidden); accepted for old data pipelines.
+            attn_mask = ~attention_mask.to(device=device, dtype=torch.bool)
+            if self.pre_seq_len:
+                attn_mask = F.pad(attn_mask, (self.pre_seq_len, 0), value=True)
+            attention_mask = None
+        else:
+            if attention_mask is None:
+                attention_mask = torch.ones(batch, past + length, dtype=torch.bool, device=device)
+            key_real = attention_mask.to(device=device, dtype=torch.bool)
+            if past == 0 and input_ids is not None:
+                sop, _ = locate_prompt(input_ids, self.config, key_real)
+                prompt_len = torch.where(sop < length, sop, 0)  # no <sop>: plain causal
+            else:  # every new token lies after <sop>: the prompt is in the cache, causal suffices
+                prompt_len = torch.zeros(batch, dtype=torch.long, device=device)
+            causal_only = bool(key_real.all()) and not bool(prompt_len.any()) and past == 0
+            attn_mask = None if causal_only and not self.pre_seq_len else build_attention_mask(
+                key_real, past, length, prompt_len, self.pre_seq_len or 0
+            )
+            if attn_mask is not None and length == 1 and bool(attn_mask.all()):
+                attn_mask = None
+
+        if position_ids is None:
+            if past:
+                raise ValueError("position_ids are required when decoding with a cache (generate() supplies them)")
+            if input_ids is None:
+                raise ValueError("position_ids are required with inputs_embeds")
+            position_ids = get_position_ids(input_ids, self.config, attention_mask)
+        rope = self.layers[0].attention.rotary_emb(position_ids.to(device), inputs_embeds.dtype)
+
+        prefixes = self.prefix_key_values(inputs_embeds.dtype) if self.pre_seq_len else [(None, None)] * len(self.layers)
+        hidden_states = inputs_embeds
+        for layer, (prefix_key, prefix_value) in zip(self.layers, prefixes):
+            hidden_states = layer(
+                hidden_states, prefix_key, prefix_value, rope=rope, attn_mask=attn_mask, cache=cache
+            )
+        hidden_states = self.final_layernorm(hidden_states)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache if use_cache else None)
+
+
+def build_chat_prompt(query, history=()):
+    """ChatGLM's multi-round prompt: `[Round i]\\n问：…\\n答：…` for each past turn, then the open question."""
+    if not history:
+        return query
+    rounds = [f"[Round {i}]\n问：{q}\n答：{a}\n" for i, (q, a) in enumerate(history)]
+    return "".join(rounds) + f"[Round {len(history)}]\n问：{query}\n答："
+
+
+_CJK = "[\u4e00-\u9fff]"
+_FULL_WIDTH = {",": "，", "!": "！", ":": "：", ";": "；", "?": "？"}
+
+
+def clean_response(text):
+    """What the official chat() shows: trimmed, with ASCII punctuation next to Chinese characters made full-width."""
+    text = text.strip()
+    for ascii_mark, wide in _FULL_WIDTH.items():
+        mark = re.escape(ascii_mark)
+        text = re.sub(f"({_CJK}){mark}", rf"\1{wide}", text)
+        text = re.sub(f"{mark}({_CJK})", rf"{wide}\1", text)
+    return text
+
+
+class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "transformer.word_embeddings.weight"}
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.transformer = ChatGLMModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.pre_seq_len:  # P-Tuning v2 trains the prefix only
+            for name, param in self.named_parameters():
+                param.requires_grad_(name.startswith("transformer.prefix_encoder."))
+        self.post_init()
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        cache=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        logits_to_keep=0,
+        past_key_values=None,
+        return_dict=None,
+        **kwargs,
+    ):
+        outputs = self.transformer(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache if cache is not None else past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+        )
+        hidden_states = outputs.last_hidden_state
+        if isinstance(logits_to_keep, int) and logits_to_keep:
+            hidden_states = hidden_states[:, -logits_to_keep:]
+        elif isinstance(logits_to_keep, torch.Tensor):
+            hidden_states = hidden_states[:, logits_to_keep]
+        logits = self.lm_head(hidden_states)
+
+        loss = None
+        if labels is not None:
+            # Loss in fp32 whatever the weights' dtype (the seed's CastOutputToFloat).
+            labels = labels.to(logits.device)
+            loss = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
+            )
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache)
+
+    # -- generation ------------------------------------------------------------------------------------------------
+
+    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
+        # GLM positions cannot be extended by "+1" as generate() does for 1D ones: derive them from the whole rows.
+        kwargs.pop("position_ids", None)
+        inputs = super().prepare_inputs_for_generation(input_ids, attention_mask=attention_mask, **kwargs)
+        new = inputs["input_ids"].shape[-1] if inputs.get("input_ids") is not None else inputs["inputs_embeds"].shape[1]
+        inputs["position_ids"] = get_position_ids(input_ids, self.config, attention_mask)[..., -new:]
+        return inputs
+
+    @torch.inference_mode()
+    def stream_generate(
+        self,
+        input_ids,
+        attention_mask=None,
+        max_new_tokens=256,
+        do_sample=True,
+        temperature=0.95,
+        top_p=0.7,
+        top_k=0,
+        repetition_penalty=1.0,
+        eos_token_id=None,
+    ):
+        """Yields the growing sequences [batch, length] after every new token (KV cache, same math as generate)."""
+        eos = eos_token_id if eos_token_id is not None else self.generation_config.eos_token_id
+        eos = torch.tensor(eos if isinstance(eos, (list, tuple)) else [eos], device=input_ids.device)
+        processors = LogitsProcessorList()
+        if repetition_penalty != 1.0:
+            processors.append(RepetitionPenaltyLogitsProcessor(repetition_penalty))
+        if do_sample:
+            processors.append(TemperatureLogitsWarper(temperature))
+            if top_k:
+                processors.append(TopKLogitsWarper(top_k))
+            if top_p < 1.0:
+                processors.append(TopPLogitsWarper(top_p))
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        cache = DynamicCache(config=self.config)
+        step_ids, done = input_ids, torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for _ in range(max_new_tokens):
+            positions = get_position_ids(input_ids, self.config, attention_mask)[..., -step_ids.shape[1] :]
+            out = self(step_ids, attention_mask, positions, cache=cache, use_cache=True, logits_to_keep=1)
+            scores = processors(input_ids, out.logits[:, -1].float())
+            if do_sample:
+                next_ids = torch.multinomial(scores.softmax(-1), 1).squeeze(1)
+            else:
+                next_ids = scores.argmax(-1)
+            next_ids = torch.where(done, self.generation_config.pad_token_id or eos[0], next_ids)
+            input_ids = torch.cat((input_ids, next_ids[:, None]), dim=-1)
+            attention_mask = torch.cat((attention_mask, torch.ones_like(next_ids[:, None])), dim=-1)
+            step_ids = next_ids[:, None]
+            done |= torch.isin(next_ids, eos)
+            yield input_ids
+            if done.all():
+                break
+
+    def _chat_inputs(self, tokenizer, query, history):
+        return tokenizer([build_chat_prompt(query, history)], return_tensors="pt").to(self.device)
+
+    @torch.inference_mode()
+    def chat(self, tokenizer, query, history=None, max_length=2048, num_beams=1, do_sample=True, top_p=0.7,
+             temperature=0.95, **kwargs):
+        """One answer to `query` given `history` [(query, answer), ...]; returns (answer, history + this turn)."""
+        history = list(history or [])
+        inputs = self._chat_inputs(tokenizer, query, history)
+        prompt_len = inputs["input_ids"].shape[1]
+        sampling = dict(top_p=top_p, temperature=temperature) if do_sample else {}
+        output = self.generate(
+            **inputs, max_new_tokens=max(1, max_length - prompt_len), num_beams=num_beams, do_sample=do_sample,
+            **sampling, **kwargs,
+        )
+        response = clean_response(tokenizer.decode(output[0, prompt_len:], skip_special_tokens=True))
+        return response, history + [(query, response)]
+
+    @torch.inference_mode()
+    def stream_chat(self, tokenizer, query, history=None, max_length=2048, do_sample=True, top_p=0.7,
+                    temperature=0.95, **kwargs):
+        """Like chat(), yielding (partial answer, history with the partial turn) as tokens arrive."""
+        history = list(history or [])
+        inputs = self._chat_inputs(tokenizer, query, history)
+        prompt_len = inputs["input_ids"].shape[1]
+        for ids in self.stream_generate(
+            inputs["input_ids"], inputs["attention_mask"], max_new_tokens=max(1, max_length - prompt_len),
+            do_sample=do_sample, top_p=top_p, temperature=temperature, **kwargs,
+        ):
+            response = clean_response(tokenizer.decode(ids[0, prompt_len:], skip_special_tokens=True))
+            yield response, history + [(query, response)]
+
+
+__all__ = ["ChatGLMModel", "ChatGLMForConditionalGeneration", "ChatGLMPreTrainedModel", "build_chat_prompt"]
