@@ -11,22 +11,22 @@ tests, so this module builds a tiny stand-in with the same *layout*:
 * the eight ChatGLM specials ``[MASK] [gMASK] [sMASK] <unused_0> <sop> <eop>
   <ENC> <dBLOCK>`` are the last eight pieces, in that order.
 
-Nothing here depends on ``tokenization_chatglm``: the whitespace rewrite is
-repeated (a few lines) so the training text looks like what the tokenizer will
-feed sentencepiece later.
+Training text goes through the tokenizer's own whitespace rewrite, so the learned
+pieces are the ones the tokenizer will feed sentencepiece later.
 """
 
 from __future__ import annotations
 
 import io
 import os
-import re
 import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
+
+from tokenization_chatglm import encode_whitespace  # the tokenizer's own rewrite, so training text matches
 
 __all__ = [
     "CHATGLM_SPECIAL_PIECES",
@@ -41,23 +41,6 @@ MAX_BLANK = 80
 WHITESPACE_PIECES = ["<n>", "<|tab|>"] + [f"<|blank_{i}|>" for i in range(2, MAX_BLANK + 1)]
 CHATGLM_SPECIAL_PIECES = ["[MASK]", "[gMASK]", "[sMASK]", "<unused_0>", "<sop>", "<eop>", "<ENC>", "<dBLOCK>"]
 DEFAULT_CORPUS = Path(__file__).resolve().parent / "assets" / "tokenizer_corpus.txt"
-
-_SPACE_RUN = re.compile(r" {2,}")
-
-
-def _blank_run(match: re.Match) -> str:
-    # Same result as replacing runs of 80, 79, ..., 2 spaces longest first:
-    # whole blocks of 80, then one piece for the rest (a lone space stays a space).
-    full, rest = divmod(len(match.group(0)), MAX_BLANK)
-    tail = f"<|blank_{rest}|>" if rest >= 2 else " " * rest
-    return f"<|blank_{MAX_BLANK}|>" * full + tail
-
-
-def encode_whitespace(text: str) -> str:
-    """Rewrite newlines, tabs and space runs into ChatGLM's whitespace pieces."""
-    text = text.replace("\n", "<n>").replace("\t", "<|tab|>")
-    return _SPACE_RUN.sub(_blank_run, text)
-
 
 def _sentences(corpus_paths: Iterable[Path]) -> Iterator[str]:
     # One training sentence per non-empty line, whitespace already rewritten so the

@@ -1,0 +1,255 @@
+"""Throughput and peak memory of ChatGLM-shaped models with random weights (no checkpoint or tokenizer needed).
+
+    python bench/bench_model.py --config small --dtype fp32            # all three benchmarks, well under a minute
+    python bench/bench_model.py --config mid --train --steps 2         # LoRA training throughput only
+    python bench/bench_model.py --config 6b --device cuda --json out.json
+
+Benchmarks (none selected = all three):
+  --train     LoRA (r=8, alpha=32, dropout 0.1 on query_key_value) forward+backward+AdamW step, tokens/s (median)
+  --memory    peak memory of one training step at --memory_seq_len x batch 1, in a fresh subprocess
+              (CPU: peak RSS of that process; CUDA: torch.cuda.max_memory_allocated; both include the weights)
+  --generate  greedy generate() with KV cache: new tokens/s and time to first token, at each --gen_batch_sizes
+"""
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from configuration_chatglm import ChatGLMConfig  # noqa: E402
+from glm_tune.checkpoint import SMALL_SHAPE  # noqa: E402
+from glm_tune.runtime import parse_dtype  # noqa: E402
+from modeling_chatglm import ChatGLMForConditionalGeneration  # noqa: E402
+
+PRESETS = {
+    "small": dict(SMALL_SHAPE, vocab_size=4032),
+    "mid": dict(hidden_size=512, num_layers=8, num_attention_heads=8, inner_hidden_size=2048, vocab_size=32000),
+    "6b": dict(hidden_size=4096, num_layers=28, num_attention_heads=32, inner_hidden_size=16384, vocab_size=130528),
+}
+DIMS = ("hidden_size", "num_layers", "num_attention_heads", "inner_hidden_size", "vocab_size")
+MEMORY_MARKER = "BENCH_MEMORY_RESULT "
+
+
+def make_config(args):
+    shape = {**PRESETS[args.config], **{d: getattr(args, d) for d in DIMS if getattr(args, d) is not None}}
+    v = shape["vocab_size"]
+    # The official v1.1 block layout ([MASK] [gMASK] [sMASK] <unused_0> <sop> <eop>), moved to the end of the vocab.
+    return ChatGLMConfig(**shape, mask_token_id=v - 8, gmask_token_id=v - 7, bos_token_id=v - 4, eos_token_id=v - 3,
+                         pad_token_id=3, max_sequence_length=max(2048, args.seq_len, args.memory_seq_len))
+
+
+def build_model(config, dtype, device):
+    # Built directly in `dtype` on `device`: the 6B model must never exist as fp32 weights in CPU memory (~26 GB).
+    with torch.device(device):
+        model = ChatGLMForConditionalGeneration._from_config(config, dtype=dtype)
+    return model
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def random_text(config, batch, length, gen):
+    # Ordinary tokens only: a stray [gMASK]/<sop> would move the prompt boundary.
+    return torch.randint(10, config.vocab_size - 10, (batch, length), generator=gen)
+
+
+def training_batch(config, batch, seq_len, device, gen):
+    """Rows `prompt (40%) [gMASK] <sop> answer <eop>`, labels -100 up to <sop> (as the official P-Tuning script)."""
+    prompt = int(seq_len * 0.4)
+    answer = seq_len - prompt - 3
+    ids = torch.cat([random_text(config, batch, prompt, gen), torch.tensor([[config.gmask_token_id, config.bos_token_id]] * batch),
+                     random_text(config, batch, answer, gen), torch.full((batch, 1), config.eos_token_id)], dim=1)
+    labels = ids.clone()
+    labels[:, : prompt + 1] = -100
+    return ids.to(device), labels.to(device)
+
+
+def add_lora(model, gradient_checkpointing):
+    from peft import LoraConfig, get_peft_model
+
+    if gradient_checkpointing:
+        # Non-reentrant checkpointing works although the frozen embeddings' output needs no grad.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lora = LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=32, lora_dropout=0.1, target_modules=["query_key_value"])
+    model = get_peft_model(model, lora)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    return model, optimizer
+
+
+def train_step(model, optimizer, ids, labels):
+    loss = model(input_ids=ids, labels=labels).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
+def bench_train(model, config, args, device):
+    model, optimizer = add_lora(model, args.gradient_checkpointing)
+    gen = torch.Generator().manual_seed(0)
+    ids, labels = training_batch(config, args.batch_size, args.seq_len, device, gen)
+    for _ in range(args.warmup):  # first steps allocate optimizer state and warm the allocator / kernels
+        train_step(model, optimizer, ids, labels)
+    times = []
+    for _ in range(args.steps):
+        sync(device)
+        start = time.perf_counter()
+        train_step(model, optimizer, ids, labels)
+        sync(device)
+        times.append(time.perf_counter() - start)
+    step = statistics.median(times)
+    return {"train_step_s": step, "train_tokens_per_s": args.batch_size * args.seq_len / step}
+
+
+def memory_child(args):
+    """Runs in the fresh subprocess: one LoRA training step at memory_seq_len x 1, then report the peak."""
+    device, dtype = resolve(args)
+    config = make_config(args)
+    model, optimizer = add_lora(build_model(config, dtype, device), args.gradient_checkpointing)
+    ids, labels = training_batch(config, 1, args.memory_seq_len, device, torch.Generator().manual_seed(0))
+    train_step(model, optimizer, ids, labels)
+    sync(device)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    print(MEMORY_MARKER + json.dumps({"peak_memory_gb": peak / 1e9}), flush=True)
+
+
+def bench_memory(args):
+    # A fresh interpreter: peak RSS / max_memory_allocated never go down, so measuring here would report earlier runs.
+    cmd = [sys.executable, str(Path(__file__).resolve()), *sys.argv[1:], "--_memory_child", "--threads", str(args.threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith(MEMORY_MARKER):
+            return json.loads(line[len(MEMORY_MARKER):])
+    raise RuntimeError(f"memory subprocess failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
+
+
+@torch.inference_mode()
+def bench_generate(model, config, args, device):
+    model.eval()
+    gen = torch.Generator().manual_seed(1)
+    # Nothing may stop a row early (random weights can emit <eop>): min_new_tokens forces every new token.
+    kwargs = dict(do_sample=False, use_cache=True, pad_token_id=config.pad_token_id, eos_token_id=config.eos_token_id)
+    results = {}
+    for bs in args.gen_batch_sizes:
+        prompt = torch.cat([random_text(config, bs, args.prompt_len - 2, gen),
+                            torch.tensor([[config.gmask_token_id, config.bos_token_id]] * bs)], dim=1).to(device)
+        mask = torch.ones_like(prompt)
+
+        def timed(n):
+            sync(device)
+            start = time.perf_counter()
+            out = model.generate(input_ids=prompt, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, **kwargs)
+            sync(device)
+            assert out.shape[1] == prompt.shape[1] + n, out.shape
+            return time.perf_counter() - start
+
+        timed(args.new_tokens)  # warmup
+        total = timed(args.new_tokens)
+        first = timed(1)  # prefill + the first token: what a user waits for
+        results[bs] = {
+            "gen_tokens_per_s": bs * args.new_tokens / total,
+            "decode_tokens_per_s": bs * (args.new_tokens - 1) / max(total - first, 1e-9),
+            "ttft_s": first,
+        }
+    return results
+
+
+def resolve(args):
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    return device, parse_dtype(args.dtype, device)
+
+
+def print_table(res):
+    rows = [(k, res[k]) for k in ("config", "shape", "dtype", "device", "threads")]
+    if "train_tokens_per_s" in res:
+        rows += [(f"train tokens/s ({res['train_batch']})", f"{res['train_tokens_per_s']:.1f}"),
+                 ("train step s (median)", f"{res['train_step_s']:.3f}")]
+    if "peak_memory_gb" in res:
+        rows.append((f"peak memory GB ({res['memory_batch']}, {res['memory_kind']})", f"{res['peak_memory_gb']:.2f}"))
+    for bs, g in res.get("generate", {}).items():
+        rows += [(f"generate bs={bs}: new tokens/s", f"{g['gen_tokens_per_s']:.1f}"),
+                 (f"generate bs={bs}: decode tokens/s", f"{g['decode_tokens_per_s']:.1f}"),
+                 (f"generate bs={bs}: time to first token s", f"{g['ttft_s']:.3f}")]
+    width = max(len(k) for k, _ in rows)
+    print("\n" + "\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", choices=sorted(PRESETS), default="small",
+                   help="small = SMALL_SHAPE (vocab 4032); mid = 512 hidden, 8 layers, vocab 32000; 6b = official shape")
+    for d in DIMS:
+        p.add_argument(f"--{d}", type=int, help=f"override the preset's {d}")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="weights dtype; auto = glm_tune.runtime.default_dtype() (fp32 on CPUs without fast bf16)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = cuda if available")
+    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0 = torch's default)")
+    p.add_argument("--train", action="store_true", help="benchmark LoRA training throughput")
+    p.add_argument("--memory", action="store_true", help="measure peak memory of one training step (subprocess)")
+    p.add_argument("--generate", action="store_true", help="benchmark greedy generation with KV cache")
+    p.add_argument("--seq_len", type=int, default=512, help="training sequence length")
+    p.add_argument("--batch_size", type=int, default=4, help="training batch size")
+    p.add_argument("--steps", type=int, default=3, help="timed training steps (the median is reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed training steps first")
+    p.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward")
+    p.add_argument("--memory_seq_len", type=int, default=2048, help="sequence length of the memory step (batch 1)")
+    p.add_argument("--prompt_len", type=int, default=64, help="generation prompt length (ends with [gMASK] <sop>)")
+    p.add_argument("--new_tokens", type=int, default=64, help="tokens generated per row (all forced)")
+    p.add_argument("--gen_batch_sizes", type=int, nargs="+", default=[1, 8], help="generation batch sizes")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    p.add_argument("--json", help="also write the results to this file (atomically)")
+    p.add_argument("--_memory_child", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.prompt_len < 3 or args.seq_len < 8 or args.memory_seq_len < 8:
+        p.error("--prompt_len must be >= 3 and --seq_len / --memory_seq_len >= 8")
+    if not (args.train or args.memory or args.generate):
+        args.train = args.memory = args.generate = True
+    torch.manual_seed(args.seed)
+    if args._memory_child:
+        return memory_child(args)
+
+    device, dtype = resolve(args)
+    args.threads = torch.get_num_threads()
+    config = make_config(args)
+    res = {"config": args.config, "shape": {d: getattr(config, d) for d in DIMS}, "dtype": str(dtype).split(".")[-1],
+           "device": str(device), "threads": args.threads, "gradient_checkpointing": args.gradient_checkpointing}
+    if args.memory:  # first, so the child never shares the GPU with this process's model
+        res.update(bench_memory(args), memory_batch=f"{args.memory_seq_len}x1",
+                   memory_kind="max_memory_allocated" if device.type == "cuda" else "peak RSS")
+        print(f"peak memory: {res['peak_memory_gb']:.2f} GB", flush=True)
+    if args.train or args.generate:
+        model = build_model(config, dtype, device)
+        if args.generate:  # before training: LoRA is injected into the model in place
+            res["generate"] = bench_generate(model, config, args, device)
+            print(f"generate: {json.dumps(res['generate'])}", flush=True)
+        if args.train:
+            res.update(bench_train(model, config, args, device), train_batch=f"{args.seq_len}x{args.batch_size}")
+            print(f"train: {res['train_tokens_per_s']:.1f} tokens/s", flush=True)
+    print_table(res)
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(res, indent=2) + "\n")
+        os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""Choices that depend on the machine: which dtype is fast here, and where to run."""
+
+import functools
+from pathlib import Path
+
+import torch
+
+
+@functools.cache
+def cpu_has_fast_bf16():
+    """True on CPUs with native bf16 matrix instructions (AMX or AVX512-BF16).
+
+    Without them PyTorch emulates bf16/fp16 matmuls and they run ~100x slower than fp32 (measured on an AVX2-only
+    EPYC: 0.9 GFLOP/s bf16 vs 86 GFLOP/s fp32), so fp32 is the right default there.
+    """
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags for flag in (" amx_bf16", " avx512_bf16"))
+
+
+def default_dtype(device=None):
+    """The fastest dtype that trains well on `device`: bf16 on CUDA (when supported) and on AMX CPUs, else fp32."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+def parse_dtype(name, device=None):
+    """'auto' | fp32 | bf16 | fp16 (and the long names) -> torch.dtype."""
+    if name in (None, "auto"):
+        return default_dtype(device)
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; choose auto, fp32, bf16 or fp16") from None

@@ -1,0 +1,42 @@
+"""Shared fixtures: the repository root on sys.path, and small official-layout checkpoints built once per session."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+for path in (ROOT, ROOT / "tests"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory):
+    """Keep the embedded-default model cache and HF's module cache inside the test session."""
+    old = {k: os.environ.get(k) for k in ("GLM_TUNE_CACHE",)}
+    os.environ["GLM_TUNE_CACHE"] = str(tmp_path_factory.mktemp("glm-tune-cache"))
+    yield
+    for key, value in old.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def make_checkpoint(tmp_path_factory):
+    """make_checkpoint(revision, formats, **shape) -> folder; identical requests share one folder."""
+    from glm_tune.checkpoint import write_checkpoint
+
+    built = {}
+
+    def make(revision="v1.1", formats=("sharded-bin",), **shape):
+        key = (revision, tuple(formats), tuple(sorted(shape.items())))
+        if key not in built:
+            name = f"{revision}-{'-'.join(formats)}-{len(built)}"
+            built[key] = write_checkpoint(tmp_path_factory.mktemp("ckpt") / name, revision, formats, **shape)
+        return built[key]
+
+    return make
