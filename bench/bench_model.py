@@ -117,6 +117,8 @@ def memory_child(args):
     """Runs in the fresh subprocess: one LoRA training step at memory_seq_len x 1, then report the peak."""
     device, dtype = resolve(args)
     config = make_config(args)
+    # What the interpreter, torch and transformers hold before any model exists (part of the CPU peak below).
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 if device.type == "cpu" else 0
     model, optimizer = add_lora(build_model(config, dtype, device), args.gradient_checkpointing)
     ids, labels = training_batch(config, 1, args.memory_seq_len, device, torch.Generator().manual_seed(0))
     train_step(model, optimizer, ids, labels)
@@ -125,7 +127,7 @@ def memory_child(args):
         peak = torch.cuda.max_memory_allocated(device)
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    print(MEMORY_MARKER + json.dumps({"peak_memory_gb": peak / 1e9}), flush=True)
+    print(MEMORY_MARKER + json.dumps({"peak_memory_gb": peak / 1e9, "baseline_rss_gb": baseline / 1e9}), flush=True)
 
 
 def bench_memory(args):
@@ -177,12 +179,14 @@ def resolve(args):
 
 
 def print_table(res):
-    rows = [(k, res[k]) for k in ("config", "shape", "dtype", "device", "threads")]
+    shape = "h{hidden_size} L{num_layers} heads{num_attention_heads} ffn{inner_hidden_size} V{vocab_size}"
+    rows = [(k, res[k]) for k in ("config", "dtype", "device", "threads")] + [("shape", shape.format(**res["shape"]))]
     if "train_tokens_per_s" in res:
         rows += [(f"train tokens/s ({res['train_batch']})", f"{res['train_tokens_per_s']:.1f}"),
                  ("train step s (median)", f"{res['train_step_s']:.3f}")]
     if "peak_memory_gb" in res:
-        rows.append((f"peak memory GB ({res['memory_batch']}, {res['memory_kind']})", f"{res['peak_memory_gb']:.2f}"))
+        note = f" (process before the model: {res['baseline_rss_gb']:.2f})" if res["baseline_rss_gb"] else ""
+        rows.append((f"peak memory GB ({res['memory_batch']}, {res['memory_kind']})", f"{res['peak_memory_gb']:.2f}{note}"))
     for bs, g in res.get("generate", {}).items():
         rows += [(f"generate bs={bs}: new tokens/s", f"{g['gen_tokens_per_s']:.1f}"),
                  (f"generate bs={bs}: decode tokens/s", f"{g['decode_tokens_per_s']:.1f}"),

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModel, AutoTokenizer
+from transformers import AutoModel, AutoTokenizer
 
 from configuration_chatglm import ChatGLMConfig
 from glm_tune.checkpoint import WEIGHT_FORMATS
