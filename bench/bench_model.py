@@ -68,8 +68,9 @@ def training_batch(config, batch, seq_len, device, gen):
     """Rows `prompt (40%) [gMASK] <sop> answer <eop>`, labels -100 up to <sop> (as the official P-Tuning script)."""
     prompt = int(seq_len * 0.4)
     answer = seq_len - prompt - 3
-    ids = torch.cat([random_text(config, batch, prompt, gen), torch.tensor([[config.gmask_token_id, config.bos_token_id]] * batch),
-                     random_text(config, batch, answer, gen), torch.full((batch, 1), config.eos_token_id)], dim=1)
+    marks = torch.tensor([[config.gmask_token_id, config.bos_token_id]] * batch)
+    ids = torch.cat([random_text(config, batch, prompt, gen), marks, random_text(config, batch, answer, gen),
+                     torch.full((batch, 1), config.eos_token_id)], dim=1)
     labels = ids.clone()
     labels[:, : prompt + 1] = -100
     return ids.to(device), labels.to(device)
@@ -79,7 +80,7 @@ def add_lora(model, gradient_checkpointing):
     from peft import LoraConfig, get_peft_model
 
     if gradient_checkpointing:
-        # Non-reentrant checkpointing works although the frozen embeddings' output needs no grad.
+        # Non-reentrant: the reentrant variant drops LoRA gradients when a block's input (frozen embeddings) needs none.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=32, lora_dropout=0.1, target_modules=["query_key_value"])
     model = get_peft_model(model, lora)
@@ -110,7 +111,9 @@ def bench_train(model, config, args, device):
         sync(device)
         times.append(time.perf_counter() - start)
     step = statistics.median(times)
-    return {"train_step_s": step, "train_tokens_per_s": args.batch_size * args.seq_len / step}
+    # All step times are kept: on shared CPUs one slow step shows up as spread, not as a wrong median.
+    return {"train_step_s": step, "train_step_times_s": [round(t, 4) for t in times],
+            "train_tokens_per_s": args.batch_size * args.seq_len / step}
 
 
 def memory_child(args):
@@ -132,7 +135,8 @@ def memory_child(args):
 
 def bench_memory(args):
     # A fresh interpreter: peak RSS / max_memory_allocated never go down, so measuring here would report earlier runs.
-    cmd = [sys.executable, str(Path(__file__).resolve()), *sys.argv[1:], "--_memory_child", "--threads", str(args.threads)]
+    cmd = [sys.executable, str(Path(__file__).resolve()), *sys.argv[1:], "--_memory_child",
+           "--threads", str(args.threads)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith(MEMORY_MARKER):
@@ -186,7 +190,8 @@ def print_table(res):
                  ("train step s (median)", f"{res['train_step_s']:.3f}")]
     if "peak_memory_gb" in res:
         note = f" (process before the model: {res['baseline_rss_gb']:.2f})" if res["baseline_rss_gb"] else ""
-        rows.append((f"peak memory GB ({res['memory_batch']}, {res['memory_kind']})", f"{res['peak_memory_gb']:.2f}{note}"))
+        label = f"peak memory GB ({res['memory_batch']}, {res['memory_kind']})"
+        rows.append((label, f"{res['peak_memory_gb']:.2f}{note}"))
     for bs, g in res.get("generate", {}).items():
         rows += [(f"generate bs={bs}: new tokens/s", f"{g['gen_tokens_per_s']:.1f}"),
                  (f"generate bs={bs}: decode tokens/s", f"{g['decode_tokens_per_s']:.1f}"),
@@ -198,13 +203,16 @@ def print_table(res):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", choices=sorted(PRESETS), default="small",
-                   help="small = SMALL_SHAPE (vocab 4032); mid = 512 hidden, 8 layers, vocab 32000; 6b = official shape")
+                   help="small = SMALL_SHAPE (vocab 4032); mid = 512 hidden, 8 layers, vocab 32000; "
+                        "6b = the official shape")
     for d in DIMS:
         p.add_argument(f"--{d}", type=int, help=f"override the preset's {d}")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="weights dtype; auto = glm_tune.runtime.default_dtype() (fp32 on CPUs without fast bf16)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = cuda if available")
-    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0 = torch's default)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch.set_num_threads (0 = torch's default); compare with 1 on small VMs, where "
+                        "thread synchronisation can cost more than the second core brings")
     p.add_argument("--train", action="store_true", help="benchmark LoRA training throughput")
     p.add_argument("--memory", action="store_true", help="measure peak memory of one training step (subprocess)")
     p.add_argument("--generate", action="store_true", help="benchmark greedy generation with KV cache")

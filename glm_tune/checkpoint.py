@@ -36,6 +36,8 @@ AUTO_MAP = {
 # The embedded default: small enough to fine-tune on 2 CPU cores in minutes, big enough to learn a real task.
 SMALL_SHAPE = dict(hidden_size=256, num_layers=4, num_attention_heads=4, inner_hidden_size=1024)
 WEIGHT_FORMATS = ("bin", "sharded-bin", "safetensors", "sharded-safetensors")
+# The tokenizer learns from the shipped prose and code plus the demo data set, so the demo's words are whole pieces.
+TOKENIZER_CORPUS = (DEFAULT_CORPUS, REPO_ROOT / "data" / "demo" / "train.jsonl")
 
 
 def _atomic_json(path, obj):
@@ -120,7 +122,7 @@ def official_config(revision, tokenizer, vocab_size, dtype="float32", **shape):
 
 
 def write_checkpoint(out_dir, revision="v1.1", formats=("sharded-bin",), seed=0, vocab_pieces=4000,
-                     corpus=DEFAULT_CORPUS, **shape):
+                     corpus=TOKENIZER_CORPUS, **shape):
     """Write a complete official-layout model folder; returns its path. Writes into a temp dir, then renames."""
     if revision not in IMAGE_TOKENS:
         raise ValueError(f"revision must be one of {sorted(IMAGE_TOKENS)}, got {revision!r}")
@@ -163,7 +165,7 @@ def cache_root():
 def small_checkpoint(revision="v1.1", formats=("sharded-bin",), **shape):
     """The embedded default model: built once into the cache, rebuilt when the code or corpus it is made from changes."""
     digest = hashlib.sha256(json.dumps([revision, sorted(formats), sorted(shape.items())]).encode())
-    for path in [*(REPO_ROOT / n for n in CODE_FILES), DEFAULT_CORPUS, Path(__file__),
+    for path in [*(REPO_ROOT / n for n in CODE_FILES), *TOKENIZER_CORPUS, Path(__file__),
                  Path(__file__).with_name("tokenizer_model.py")]:
         digest.update(path.read_bytes())
     folder = cache_root() / f"chatglm-small-{revision}-{digest.hexdigest()[:12]}"

@@ -1,0 +1,426 @@
+"""Training data shared by every glm-tune script: read rows, render prompts, tokenize, collate.
+
+A data file is JSONL (one object a line) or one JSON array (Alpaca's alpaca_data.json); the first non-space character
+tells which. Its row format is taken from the first valid row (or given), and every row of a file has that format:
+
+    alpaca             {"instruction", "input" (optional), "output"}          Alpaca, BELLE
+    input_target       {"input", "target"}
+    context_target     {"context", "target"}
+    prompt_completion  {"prompt", "completion"}
+    conversations      {"conversations": [{"from"|"role", "value"|"content"}, ...]}   ShareGPT style
+
+A tokenized row is ChatGLM's blank-filling layout, the one the model trains and generates with:
+
+    prompt text  [gMASK] <sop>  answer text  <eop>
+    `------- seq_len -------'   `---- trained on ---'
+
+Bad rows raise `DataError("data/x.jsonl:17: missing field 'output'")` unless the caller asks to skip and count them.
+"""
+
+import json
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow.compute as pc
+import torch
+from datasets import Dataset, DatasetDict, Features, List, Value, load_from_disk
+
+from modeling_chatglm import build_chat_prompt, get_position_ids
+
+# format name -> its fields, as shown in --help and in error messages
+FORMATS = {
+    "alpaca": "instruction, input (optional), output",
+    "input_target": "input, target",
+    "context_target": "context, target",
+    "prompt_completion": "prompt, completion",
+    "conversations": "conversations: [{from|role, value|content}, ...]",
+}
+# The field whose presence identifies a format, checked in this order ("input" alone is ambiguous: alpaca has one too).
+_KEY_FIELDS = (
+    ("conversations", "conversations"),
+    ("alpaca", "instruction"),
+    ("prompt_completion", "prompt"),
+    ("context_target", "context"),
+    ("input_target", "target"),
+)
+_PROMPT_TARGET_FIELDS = {
+    "input_target": ("input", "target"),
+    "context_target": ("context", "target"),
+    "prompt_completion": ("prompt", "completion"),
+}
+_USER_ROLES = {"human", "user"}
+_ASSISTANT_ROLES = {"gpt", "assistant", "bot"}
+# Typed into data, these would still become ChatGLM's control tokens (they are pieces of ice_text.model) and move
+# where the model thinks the prompt ends, so such rows are rejected rather than silently mistrained.
+_CONTROL_TEXT = ("[gMASK]", "[MASK]", "[sMASK]", "<sop>", "<eop>")
+
+
+class DataError(ValueError):
+    """A problem with the user's data, as one line; `reason` is the short name rows are counted under when skipped."""
+
+    def __init__(self, message, reason="bad row"):
+        super().__init__(message)
+        self.reason = reason
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Rows -> (prompt, target)
+
+
+def detect_format(record):
+    """Name of the format `record` is written in, judged by its key field; None if it has none of them."""
+    if not isinstance(record, dict):
+        return None
+    return next((fmt for fmt, key in _KEY_FIELDS if key in record), None)
+
+
+def _json_type(value):
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
+    return names.get(type(value), "a number")
+
+
+def _text(record, name, label=None, optional=False):
+    """record[name] as a string, or DataError naming the field (`label` when it sits inside a conversation)."""
+    label = label or name
+    value = record.get(name)
+    if value is None:
+        if optional:
+            return ""
+        if name in record:
+            raise DataError(f"field '{label}' must be a string, got null", "wrong type")
+        raise DataError(f"missing field '{label}'", "missing field")
+    if not isinstance(value, str):
+        raise DataError(f"field '{label}' must be a string, got {_json_type(value)}", "wrong type")
+    try:
+        # Undecodable bytes arrive as lone surrogates (the file is read with surrogateescape); so do "\udc80" escapes.
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise DataError(f"field '{label}' is not valid UTF-8 text", "invalid UTF-8") from None
+    control = next((token for token in _CONTROL_TEXT if token in value), None)
+    if control:
+        raise DataError(f"field '{label}' contains ChatGLM's control token '{control}'", "control token in text")
+    return value
+
+
+def _render_conversation(record):
+    """ShareGPT-style turns -> (multi-round chat prompt, last assistant turn, its label).
+
+    Turns alternate user, assistant, user, ...; an optional leading system message is prepended (with a newline) to
+    the first user turn. The LAST assistant turn is the target; earlier pairs become the chat history, and a trailing
+    unanswered user turn is ignored.
+    """
+    if "conversations" not in record:
+        raise DataError("missing field 'conversations'", "missing field")
+    turns = record["conversations"]
+    if not isinstance(turns, list):
+        raise DataError(f"field 'conversations' must be a list, got {_json_type(turns)}", "wrong type")
+    system, pairs, user = "", [], None
+    for i, turn in enumerate(turns):
+        where = f"conversations[{i}]"
+        if not isinstance(turn, dict):
+            raise DataError(f"{where} must be an object, got {_json_type(turn)}", "wrong type")
+        role_key = "from" if "from" in turn or "role" not in turn else "role"
+        text_key = "value" if "value" in turn or "content" not in turn else "content"
+        role = _text(turn, role_key, f"{where}.{role_key}").strip().lower()
+        text = _text(turn, text_key, f"{where}.{text_key}")
+        if role == "system" and i == 0:
+            system = text
+        elif role in _USER_ROLES and user is None:
+            user = text
+        elif role in _ASSISTANT_ROLES and user is not None:
+            pairs.append((user, text, f"{where}.{text_key}"))
+            user = None
+        elif role in _USER_ROLES | _ASSISTANT_ROLES | {"system"}:
+            expected = "a user" if user is None else "an assistant"
+            raise DataError(f"{where}: expected {expected} turn, got '{role}' (turns must alternate)",
+                            "bad conversation")
+        else:
+            raise DataError(f"{where}: unknown role '{role}' (expected human/user, gpt/assistant/bot, or a "
+                            "leading system)", "bad conversation")
+    if not pairs:
+        raise DataError("conversations has no assistant turn", "bad conversation")
+    if system:
+        first_user, first_answer, first_label = pairs[0]
+        pairs[0] = (f"{system}\n{first_user}", first_answer, first_label)
+    *history, (query, answer, label) = pairs
+    return build_chat_prompt(query, [(q, a) for q, a, _ in history]), answer, label
+
+
+def render_example(record, fmt):
+    """One row -> (prompt text, target text) under the rules of format `fmt` (see the module docstring).
+
+    alpaca renders "Instruction: {instruction}\\nInput: {input}\\nAnswer: " (no Input line when input is empty);
+    input/context/prompt are used as they are; conversations become ChatGLM's multi-round chat prompt.
+    Raises DataError (without a location: the caller knows it) for a row that cannot be used.
+    """
+    if fmt == "alpaca":
+        instruction = _text(record, "instruction")
+        extra = _text(record, "input", optional=True)
+        target, label = _text(record, "output"), "output"
+        prompt = f"Instruction: {instruction}\n" + (f"Input: {extra}\n" if extra.strip() else "") + "Answer: "
+    elif fmt in _PROMPT_TARGET_FIELDS:
+        prompt_field, label = _PROMPT_TARGET_FIELDS[fmt]
+        prompt, target = _text(record, prompt_field), _text(record, label)
+    elif fmt == "conversations":
+        prompt, target, label = _render_conversation(record)
+    else:
+        raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if not target.strip():
+        raise DataError(f"empty answer in field '{label}'", "empty answer")
+    return prompt, target
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Files -> rows
+
+
+def _parse_rows(path):
+    """Yield (location, JSON value or DataError) for every row of a JSONL or JSON-array file."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file")
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder; expected a .json or .jsonl file")
+    with open(path, "rb") as handle:
+        head = handle.read(4096).decode("utf-8", errors="replace").lstrip("\ufeff \t\r\n")
+    if head.startswith("["):
+        # surrogateescape keeps undecodable bytes as lone surrogates, so the bad row can be named (item N).
+        text = path.read_bytes().decode("utf-8", errors="surrogateescape").lstrip("\ufeff")
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as err:
+            message = f"{path}:{err.lineno}: not valid JSON ({err.msg}, column {err.colno})"
+            raise DataError(message, "not JSON") from None
+        if not isinstance(items, list):  # e.g. "[1] [2]" never parses, but be explicit
+            raise DataError(f"{path}: expected a JSON array of rows")
+        for number, item in enumerate(items, start=1):
+            yield f"item {number}", item
+        return
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            line = raw.decode("utf-8", errors="surrogateescape")
+            if number == 1:
+                line = line.lstrip("\ufeff")
+            if not line.strip():
+                continue
+            try:
+                yield str(number), json.loads(line)
+            except json.JSONDecodeError as err:
+                yield str(number), DataError(f"not JSON ({err.msg}, column {err.colno})", "not JSON")
+
+
+def read_records(path, fmt="auto", skip_bad_rows=False):
+    """Read a JSONL / JSON-array file -> (list of (prompt, target), Counter of skipped rows by reason).
+
+    With fmt="auto" the format of the first valid row is the file's format. A bad row raises
+    DataError("path:line: what") ("path:item N: what" in a JSON array), or is skipped and counted with skip_bad_rows.
+    """
+    if fmt != "auto" and fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; choose auto or one of {', '.join(FORMATS)}")
+    file_format = None if fmt == "auto" else fmt
+    pairs, skipped = [], Counter()
+    for where, row in _parse_rows(path):
+        try:
+            if isinstance(row, DataError):
+                raise row
+            if not isinstance(row, dict):
+                raise DataError(f"row is {_json_type(row)}, not an object", "not an object")
+            row_format = file_format or detect_format(row)
+            if row_format is None:
+                raise DataError(f"cannot tell the row format from fields {sorted(row)}; expected one of: "
+                                + "; ".join(f"{name} ({fields})" for name, fields in FORMATS.items()),
+                                "unknown format")
+            pairs.append(render_example(row, row_format))
+            file_format = row_format
+        except DataError as err:
+            if not skip_bad_rows:
+                raise DataError(f"{path}:{where}: {err}", err.reason) from None
+            skipped[err.reason] += 1
+    if not pairs:
+        detail = f" (skipped {sum(skipped.values())} bad rows)" if skipped else ""
+        raise DataError(f"{path}: no usable rows{detail}", "no rows")
+    return pairs, skipped
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# (prompt, target) -> token ids
+
+
+def fit_to_length(prompt_ids, answer_ids, max_seq_length, n_special=2):
+    """Cut text ids so that prompt + specials + answer fit in max_seq_length.
+
+    The prompt goes first (its beginning is kept), but never below min(len(prompt), max_seq_length // 4) tokens, so
+    that the answer keeps some context; then the answer is cut (losing <eop>) if it still does not fit.
+    """
+    room = max_seq_length - n_special
+    if len(prompt_ids) + len(answer_ids) <= room:
+        return prompt_ids, answer_ids
+    floor = min(len(prompt_ids), max_seq_length // 4)
+    keep_prompt = min(len(prompt_ids), max(floor, room - len(answer_ids)))
+    return prompt_ids[:keep_prompt], answer_ids[: room - keep_prompt]
+
+
+def _tokenize_batch(batch, tokenizer, max_seq_length):
+    out = {"input_ids": [], "seq_len": [], "overlength": []}
+    for prompt, target in zip(batch["prompt"], batch["target"]):
+        prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
+        answer_ids = tokenizer.encode(target, add_special_tokens=False) + [tokenizer.eos_token_id]
+        cut_prompt, cut_answer = fit_to_length(prompt_ids, answer_ids, max_seq_length,
+                                               tokenizer.num_special_tokens_to_add())
+        # The tokenizer's own rule appends [gMASK] <sop>: the same ids as tokenizer.encode(prompt), cut text inside.
+        prompt_with_specials = tokenizer.build_inputs_with_special_tokens(cut_prompt)
+        out["input_ids"].append(prompt_with_specials + cut_answer)
+        out["seq_len"].append(len(prompt_with_specials))
+        out["overlength"].append(len(cut_prompt) < len(prompt_ids) or len(cut_answer) < len(answer_ids))
+    return out
+
+
+def _keep_fitting(overlength):
+    return [not flag for flag in overlength]
+
+
+def _row_lengths(dataset):
+    # Counted in Arrow: pulling every row's ids into Python lists would cost gigabytes on a 2M-row BELLE set.
+    return pc.list_value_length(dataset.with_format("arrow")["input_ids"]).to_pylist()
+
+
+def _nearest_rank(sorted_values, percent):
+    if not sorted_values:
+        return 0
+    return sorted_values[max(0, math.ceil(percent / 100 * len(sorted_values)) - 1)]
+
+
+@dataclass
+class DataSummary:
+    """What happened to the rows between the file and the training set."""
+
+    rows_in: int
+    rows_out: int
+    skipped: Counter = field(default_factory=Counter)  # bad rows by reason
+    overlength: int = 0  # rows longer than max_seq_length: truncated, or dropped when overlength_dropped
+    overlength_dropped: bool = False
+    max_seq_length: int | None = None
+    length_p50: int = 0  # token lengths of the rows out
+    length_p90: int = 0
+    length_p99: int = 0
+    length_max: int = 0
+
+    @classmethod
+    def from_lengths(cls, lengths, **fields):
+        lengths = sorted(lengths)
+        return cls(rows_out=len(lengths), length_p50=_nearest_rank(lengths, 50), length_p90=_nearest_rank(lengths, 90),
+                   length_p99=_nearest_rank(lengths, 99), length_max=lengths[-1] if lengths else 0, **fields)
+
+    def format(self):
+        lines = [f"rows: {self.rows_in} in, {self.rows_out} out"]
+        if self.skipped:
+            reasons = ", ".join(f"{reason}: {count}" for reason, count in self.skipped.most_common())
+            lines.append(f"skipped bad rows: {sum(self.skipped.values())} ({reasons})")
+        if self.max_seq_length is not None:
+            action = "dropped" if self.overlength_dropped else "truncated"
+            lines.append(f"overlength (> {self.max_seq_length} tokens): {self.overlength} {action}")
+        lines.append(f"tokens per row: p50 {self.length_p50}, p90 {self.length_p90}, p99 {self.length_p99}, "
+                     f"max {self.length_max}")
+        return "\n".join(lines)
+
+
+_TOKENIZED = Features({"input_ids": List(Value("int32")), "seq_len": Value("int32"), "overlength": Value("bool")})
+
+
+def tokenize_records(pairs, tokenizer, max_seq_length, skip_overlength=False, num_proc=1, skipped=None):
+    """(prompt, target) pairs -> (Dataset with input_ids and seq_len, DataSummary); rows keep their order.
+
+    input_ids = tokenizer.encode(prompt) + answer ids + [eos], cut to max_seq_length by `fit_to_length`, or dropped
+    when skip_overlength. seq_len is the prompt length including [gMASK] <sop>. `skipped` (from read_records) only
+    goes into the summary, so that it counts the rows of the file.
+    """
+    skipped = Counter(skipped or {})
+    if max_seq_length < tokenizer.num_special_tokens_to_add() + 1:
+        raise ValueError(f"max_seq_length must leave room for at least one answer token, got {max_seq_length}")
+    rows = Dataset.from_dict({"prompt": [p for p, _ in pairs], "target": [t for _, t in pairs]})
+    tokenized = rows.map(
+        _tokenize_batch,
+        batched=True,
+        num_proc=num_proc if num_proc > 1 and len(rows) > 1 else None,
+        remove_columns=["prompt", "target"],
+        features=_TOKENIZED,
+        fn_kwargs={"tokenizer": tokenizer, "max_seq_length": max_seq_length},
+        desc="Tokenizing",
+    )
+    overlength = sum(tokenized["overlength"])
+    if skip_overlength and overlength:
+        tokenized = tokenized.filter(_keep_fitting, input_columns="overlength", batched=True,
+                                     desc="Dropping overlength")
+    tokenized = tokenized.remove_columns("overlength")
+    summary = DataSummary.from_lengths(_row_lengths(tokenized), rows_in=len(pairs) + sum(skipped.values()),
+                                       skipped=skipped, overlength=overlength, overlength_dropped=skip_overlength,
+                                       max_seq_length=max_seq_length)
+    return tokenized, summary
+
+
+def load_training_data(path, tokenizer, max_seq_length, fmt="auto", skip_bad_rows=False, skip_overlength=False,
+                       num_proc=1):
+    """A training set from `path` -> (Dataset with input_ids and seq_len, DataSummary).
+
+    A folder written by save_to_disk (tokenize_dataset_rows_belle.py) is loaded as saved: its rows were cut when it
+    was written, and `max_seq_length` is not applied again. A .json / .jsonl file is read and tokenized now.
+    """
+    path = Path(path)
+    if path.is_dir():
+        try:
+            dataset = load_from_disk(str(path))
+        except FileNotFoundError:
+            raise DataError(f"{path}: not a dataset folder written by save_to_disk") from None
+        if isinstance(dataset, DatasetDict):
+            if "train" not in dataset:
+                raise DataError(f"{path}: dataset has splits {sorted(dataset)} but no 'train'")
+            dataset = dataset["train"]
+        missing = [column for column in ("input_ids", "seq_len") if column not in dataset.column_names]
+        if missing:
+            raise DataError(f"{path}: saved dataset lacks column '{missing[0]}'; write it with "
+                            "tokenize_dataset_rows_belle.py")
+        return dataset, DataSummary.from_lengths(_row_lengths(dataset), rows_in=len(dataset))
+    pairs, skipped = read_records(path, fmt, skip_bad_rows)
+    return tokenize_records(pairs, tokenizer, max_seq_length, skip_overlength, num_proc, skipped)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Batches
+
+
+@dataclass
+class PrefixLMCollator:
+    """Features with `input_ids` and `seq_len` -> a padded batch of torch tensors for ChatGLM training.
+
+    Rows are padded on the RIGHT to the batch's longest (rounded up to `pad_to_multiple_of`), so that a row's
+    positions and the model's prefix-LM mask are the ones it has alone; the model builds that mask itself from
+    input_ids and attention_mask. labels are input_ids with `label_pad` on the prompt (the first seq_len tokens) and
+    on padding. position_ids are GLM's 2D positions, [batch, 2, length].
+    """
+
+    tokenizer: Any
+    pad_to_multiple_of: int | None = None
+    label_pad: int = -100
+
+    def __call__(self, features):
+        rows = [torch.as_tensor(feature["input_ids"], dtype=torch.long) for feature in features]
+        length = max(len(row) for row in rows)
+        if self.pad_to_multiple_of:
+            length = math.ceil(length / self.pad_to_multiple_of) * self.pad_to_multiple_of
+        input_ids = torch.full((len(rows), length), self.tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+        labels = torch.full((len(rows), length), self.label_pad, dtype=torch.long)
+        for i, (row, feature) in enumerate(zip(rows, features)):
+            input_ids[i, : len(row)] = row
+            attention_mask[i, : len(row)] = 1
+            labels[i, int(feature["seq_len"]) : len(row)] = row[int(feature["seq_len"]) :]
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            # the tokenizer carries the bos / mask / gmask ids get_position_ids needs from a config
+            "position_ids": get_position_ids(input_ids, self.tokenizer, attention_mask),
+        }
