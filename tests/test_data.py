@@ -121,6 +121,10 @@ def test_first_valid_row_fixes_the_file_format(tmp_path):
     with pytest.raises(DataError) as err:
         read_records(path)
     assert str(err.value) == f"{path}:1: not JSON (Expecting value, column 1)"
+    path.write_text("\n".join(json.dumps(row) for row in rows[1:]) + "\n")
+    with pytest.raises(DataError) as err:
+        read_records(path)
+    assert str(err.value) == f"{path}:2: missing field 'input'"
 
 
 def test_format_flag_overrides_detection(tmp_path):

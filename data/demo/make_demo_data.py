@@ -1,4 +1,4 @@
-"""Writes the embedded demo data set: word translation between Chinese and English, asked in eight phrasings.
+"""Writes the embedded demo data set: word translation between Chinese and English, asked in twelve phrasings.
 
 Every word and every phrasing occurs in train.jsonl; each (word, phrasing) pair occurs in only one of the two files,
 so test.jsonl holds prompts the model never saw. The untuned small model answers them essentially never; a LoRA
@@ -25,12 +25,16 @@ TO_CHINESE = [
     "What is the Chinese word for {en}?",
     'How do you say "{en}" in Chinese?',
     "Give the Chinese translation of: {en}",
+    "In Chinese, what is {en}?",
+    "Please write the word {en} in Chinese.",
 ]
 TO_ENGLISH = [
     "把“{zh}”翻译成英文。",
     "“{zh}”的英文是什么？",
     "{zh}用英语怎么说？",
     "请将{zh}译为英语。",
+    "用英文写出“{zh}”这个词。",
+    "{zh}的英语单词是？",
 ]
 
 
