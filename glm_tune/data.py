@@ -28,6 +28,7 @@ import pyarrow.compute as pc
 import torch
 from datasets import Dataset, DatasetDict, Features, List, Value, load_from_disk
 
+from glm_tune.errors import UserError
 from modeling_chatglm import build_chat_prompt, get_position_ids
 
 # format name -> its fields, as shown in --help and in error messages
@@ -58,7 +59,7 @@ _ASSISTANT_ROLES = {"gpt", "assistant", "bot"}
 _CONTROL_TEXT = ("[gMASK]", "[MASK]", "[sMASK]", "<sop>", "<eop>")
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A problem with the user's data, as one line; `reason` is the short name rows are counted under when skipped."""
 
     def __init__(self, message, reason="bad row"):

@@ -1,0 +1,116 @@
+"""LoRA fine-tuning of ChatGLM-6B with transformers' Trainer.
+
+    python finetune.py                      # the embedded demo: small model + demo data, a few minutes on a CPU
+    python finetune.py --model_name_or_path /models/chatglm-6b --dataset_path data/alpaca --lora_rank 8 \
+        --per_device_train_batch_size 2 --max_steps 2000 --save_steps 1000 --learning_rate 2e-5 --fp16 \
+        --output_dir output --report_to wandb
+
+Every TrainingArguments flag works (`--help` lists them). The output folder holds the PEFT adapter
+(adapter_config.json + adapter_model.safetensors), the seed's chatglm-lora.pt, the tokenizer, trainer_state.json and
+loss_curve.png. `--resume_from_checkpoint latest` (or a checkpoint folder) continues an interrupted run exactly.
+"""
+
+import sys
+
+import torch
+from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+from glm_tune.arguments import DataArguments, LoraArguments, ModelArguments, with_demo_defaults
+from glm_tune.data import PrefixLMCollator, load_training_data
+from glm_tune.errors import UserError, exit_on_user_error
+from glm_tune.loading import load_model, load_tokenizer
+from glm_tune.lora import SEED_FILE, add_lora, load_lora_pt, save_lora_pt
+from glm_tune.plotting import plot_loss_curve
+from glm_tune.runtime import cpu_has_fast_bf16
+
+
+class ClearCacheCallback(TrainerCallback):
+    """The seed's habit on GPUs: return cached blocks every 1000 steps and after eval/save (fragmentation)."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % 1000 == 0:
+            torch.cuda.empty_cache()
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        torch.cuda.empty_cache()
+
+    def on_save(self, args, state, control, **kwargs):
+        torch.cuda.empty_cache()
+
+
+def parse_args(argv=None):
+    parser = HfArgumentParser((ModelArguments, DataArguments, LoraArguments, TrainingArguments),
+                              description=__doc__.split("\n\n")[0])
+    model_args, data_args, lora_args, train_args = parser.parse_args_into_dataclasses(with_demo_defaults(argv))
+    if train_args.fp16 and not torch.cuda.is_available():
+        # fp16 autocast needs CUDA. On CPUs: bf16 where the CPU has native bf16 (AMX), else fp32 (documented).
+        fallback = "bf16" if cpu_has_fast_bf16() else "fp32"
+        print(f"note: --fp16 needs a CUDA GPU; training on this CPU in {fallback} instead", file=sys.stderr)
+        train_args.fp16, train_args.bf16 = False, fallback == "bf16"
+    if lora_args.is_resume and not lora_args.resume_path:
+        raise UserError("--is_resume needs --resume_path (a chatglm-lora.pt)")
+    train_args.remove_unused_columns = False  # the collator needs seq_len, which the model does not take
+    train_args.label_names = ["labels"]
+    if str(train_args.resume_from_checkpoint).lower() in ("latest", "true"):
+        last = get_last_checkpoint(train_args.output_dir)
+        if last is None:
+            raise UserError(f"--resume_from_checkpoint latest: no checkpoint-* folder in {train_args.output_dir}")
+        train_args.resume_from_checkpoint = last
+    return model_args, data_args, lora_args, train_args
+
+
+def load_data(data_args, tokenizer):
+    def load(path):
+        dataset, summary = load_training_data(
+            path, tokenizer, data_args.max_seq_length, data_args.data_format, data_args.skip_bad_rows,
+            data_args.skip_overlength, data_args.num_proc,
+        )
+        print(f"{path}:\n{summary.format()}")
+        return dataset
+
+    train = load(data_args.dataset_path)
+    if data_args.eval_dataset_path:
+        return train, load(data_args.eval_dataset_path)
+    if data_args.eval_split > 0:
+        split = train.train_test_split(test_size=data_args.eval_split, seed=0)
+        return split["train"], split["test"]
+    return train, None
+
+
+@exit_on_user_error
+def main(argv=None):
+    model_args, data_args, lora_args, train_args = parse_args(argv)
+    tokenizer = load_tokenizer(model_args.model_name_or_path)
+    model = load_model(model_args.model_name_or_path, model_args.dtype)
+    model.config.use_cache = False  # no KV cache while training
+    model = add_lora(model, lora_args.lora_rank, lora_args.lora_alpha, lora_args.lora_dropout, lora_args.lora_target)
+    if lora_args.is_resume:
+        print(f"loaded {load_lora_pt(model, lora_args.resume_path)} LoRA tensors from {lora_args.resume_path}")
+    model.print_trainable_parameters()
+
+    train_dataset, eval_dataset = load_data(data_args, tokenizer)
+    trainer = Trainer(
+        model=model,
+        args=train_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=PrefixLMCollator(tokenizer, pad_to_multiple_of=data_args.pad_to_multiple_of),
+        callbacks=[ClearCacheCallback()] if torch.cuda.is_available() else None,
+    )
+    trainer.train(resume_from_checkpoint=train_args.resume_from_checkpoint)
+
+    out = train_args.output_dir
+    trainer.save_model(out)  # the PEFT adapter (main process only)
+    trainer.save_state()
+    if trainer.is_world_process_zero():
+        save_lora_pt(model, f"{out}/{SEED_FILE}")
+        tokenizer.save_pretrained(out)
+        plot = plot_loss_curve(trainer.state.log_history, f"{out}/loss_curve.png")
+        base = f" --model_name_or_path {model_args.model_name_or_path}" if model_args.model_name_or_path else ""
+        print(f"saved the adapter to {out}/ (loss curve: {plot})")
+        print(f"try it: python inference.py --lora_path {out}{base}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""LoRA wiring: which layers get adapters, and saving / loading them in both the PEFT and the seed's format."""
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from glm_tune.errors import UserError
+
+ALL_LINEAR = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
+SEED_FILE = "chatglm-lora.pt"  # the seed's file: the trainable LoRA tensors only, keyed by PEFT parameter names
+
+
+def target_modules(target):
+    """'all' -> every linear layer of the blocks; otherwise a comma-separated list of module names."""
+    names = ALL_LINEAR if target == "all" else [t.strip() for t in target.split(",") if t.strip()]
+    unknown = sorted(set(names) - set(ALL_LINEAR))
+    if unknown or not names:
+        raise UserError(f"--lora_target {target}: unknown module(s) {unknown}; choose from {ALL_LINEAR} or 'all'")
+    return names
+
+
+def add_lora(model, rank=8, alpha=32, dropout=0.1, target="query_key_value"):
+    config = LoraConfig(task_type="CAUSAL_LM", r=rank, lora_alpha=alpha, lora_dropout=dropout,
+                        target_modules=target_modules(target))
+    return get_peft_model(model, config)
+
+
+def lora_state_dict(model):
+    return {name: p.detach().to("cpu").clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def save_lora_pt(model, path, state_dict=None):
+    """The seed's chatglm-lora.pt, written atomically."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state_dict if state_dict is not None else lora_state_dict(model), tmp)
+    os.replace(tmp, path)
+
+
+def load_lora_pt(peft_model, path):
+    """Load a chatglm-lora.pt into a PEFT model; every tensor must find its parameter (no silent no-op loads)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    params = dict(peft_model.named_parameters())
+    unknown = sorted(k for k in state if k not in params)
+    if not state or unknown:
+        raise UserError(f"{path}: {len(unknown)} of {len(state)} tensors match no LoRA parameter of this model "
+                        f"(e.g. {unknown[:1]}); was it trained with another --lora_target or --lora_rank?")
+    with torch.no_grad():
+        for name, tensor in state.items():
+            if params[name].shape != tensor.shape:
+                raise UserError(f"{path}: {name} has shape {tuple(tensor.shape)}, the model expects "
+                                f"{tuple(params[name].shape)} (different --lora_rank?)")
+            params[name].copy_(tensor)
+    return len(state)
+
+
+def _config_for_seed_file(state, folder):
+    """LoRA settings for a bare chatglm-lora.pt: from an adapter_config.json beside it, else from the tensors."""
+    if (folder / "adapter_config.json").exists():
+        saved = json.loads((folder / "adapter_config.json").read_text())
+        return dict(rank=saved["r"], alpha=saved["lora_alpha"], target=",".join(saved["target_modules"]))
+    ranks = {t.shape[0] for k, t in state.items() if "lora_A" in k}
+    targets = sorted({k.split(".lora_A")[0].rsplit(".", 1)[-1] for k in state if "lora_A" in k})
+    if len(ranks) != 1 or not targets:
+        raise UserError(f"{folder}: cannot tell the LoRA rank/targets of this chatglm-lora.pt")
+    return dict(rank=ranks.pop(), alpha=32, target=",".join(targets))  # alpha 32: the seed's fixed value
+
+
+def apply_adapter(model, lora_path, dropout=0.0):
+    """`lora_path`: a PEFT adapter folder, a folder holding chatglm-lora.pt, or that .pt file itself."""
+    path = Path(lora_path)
+    if path.is_dir() and (path / "adapter_config.json").exists() and any(path.glob("adapter_model.*")):
+        return PeftModel.from_pretrained(model, str(path))
+    pt = path / SEED_FILE if path.is_dir() else path
+    if not pt.is_file():
+        raise UserError(f"--lora_path {lora_path}: no adapter there (expected adapter_config.json + "
+                        f"adapter_model.safetensors, or {SEED_FILE})")
+    state = torch.load(pt, map_location="cpu", weights_only=True)
+    peft_model = add_lora(model, dropout=dropout, **_config_for_seed_file(state, pt.parent))
+    load_lora_pt(peft_model, pt)
+    return peft_model
