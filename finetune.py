@@ -13,7 +13,7 @@ loss_curve.png. `--resume_from_checkpoint latest` (or a checkpoint folder) conti
 import sys
 
 import torch
-from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
+from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from glm_tune.arguments import DataArguments, LoraArguments, ModelArguments, with_demo_defaults
@@ -50,6 +50,8 @@ def parse_args(argv=None):
         train_args.fp16, train_args.bf16 = False, fallback == "bf16"
     if lora_args.is_resume and not lora_args.resume_path:
         raise UserError("--is_resume needs --resume_path (a chatglm-lora.pt)")
+    if len(train_args.report_to) == 1 and "," in train_args.report_to[0]:  # --report_to tensorboard,wandb
+        train_args.report_to = [name.strip() for name in train_args.report_to[0].split(",")]
     train_args.remove_unused_columns = False  # the collator needs seq_len, which the model does not take
     train_args.label_names = ["labels"]
     if str(train_args.resume_from_checkpoint).lower() in ("latest", "true"):
@@ -84,6 +86,7 @@ def main(argv=None):
     tokenizer = load_tokenizer(model_args.model_name_or_path)
     model = load_model(model_args.model_name_or_path, model_args.dtype)
     model.config.use_cache = False  # no KV cache while training
+    set_seed(train_args.seed)  # before the adapters are created: their initial values must repeat too
     model = add_lora(model, lora_args.lora_rank, lora_args.lora_alpha, lora_args.lora_dropout, lora_args.lora_target)
     if lora_args.is_resume:
         print(f"loaded {load_lora_pt(model, lora_args.resume_path)} LoRA tensors from {lora_args.resume_path}")

@@ -13,10 +13,7 @@ Benchmarks (none selected = all three):
 
 import argparse
 import json
-import os
-import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,6 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+from bench._common import (  # noqa: E402
+    peak_memory_bytes, print_rows, report_memory, run_memory_child, sync, write_json)
 from configuration_chatglm import ChatGLMConfig  # noqa: E402
 from glm_tune.checkpoint import SMALL_SHAPE  # noqa: E402
 from glm_tune.runtime import parse_dtype  # noqa: E402
@@ -36,7 +35,6 @@ PRESETS = {
     "6b": dict(hidden_size=4096, num_layers=28, num_attention_heads=32, inner_hidden_size=16384, vocab_size=130528),
 }
 DIMS = ("hidden_size", "num_layers", "num_attention_heads", "inner_hidden_size", "vocab_size")
-MEMORY_MARKER = "BENCH_MEMORY_RESULT "
 
 
 def make_config(args):
@@ -52,11 +50,6 @@ def build_model(config, dtype, device):
     with torch.device(device):
         model = ChatGLMForConditionalGeneration._from_config(config, dtype=dtype)
     return model
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def random_text(config, batch, length, gen):
@@ -121,27 +114,18 @@ def memory_child(args):
     device, dtype = resolve(args)
     config = make_config(args)
     # What the interpreter, torch and transformers hold before any model exists (part of the CPU peak below).
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 if device.type == "cpu" else 0
+    baseline = peak_memory_bytes(device) if device.type == "cpu" else 0
     model, optimizer = add_lora(build_model(config, dtype, device), args.gradient_checkpointing)
     ids, labels = training_batch(config, 1, args.memory_seq_len, device, torch.Generator().manual_seed(0))
     train_step(model, optimizer, ids, labels)
     sync(device)
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device)
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    print(MEMORY_MARKER + json.dumps({"peak_memory_gb": peak / 1e9, "baseline_rss_gb": baseline / 1e9}), flush=True)
+    report_memory({"peak_memory_gb": peak_memory_bytes(device) / 1e9, "baseline_rss_gb": baseline / 1e9})
 
 
 def bench_memory(args):
     # A fresh interpreter: peak RSS / max_memory_allocated never go down, so measuring here would report earlier runs.
-    cmd = [sys.executable, str(Path(__file__).resolve()), *sys.argv[1:], "--_memory_child",
-           "--threads", str(args.threads)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    for line in proc.stdout.splitlines():
-        if line.startswith(MEMORY_MARKER):
-            return json.loads(line[len(MEMORY_MARKER):])
-    raise RuntimeError(f"memory subprocess failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
+    argv = [*sys.argv[1:], "--_memory_child", "--threads", str(args.threads)]
+    return run_memory_child(Path(__file__).resolve(), argv)
 
 
 @torch.inference_mode()
@@ -196,8 +180,7 @@ def print_table(res):
         rows += [(f"generate bs={bs}: new tokens/s", f"{g['gen_tokens_per_s']:.1f}"),
                  (f"generate bs={bs}: decode tokens/s", f"{g['decode_tokens_per_s']:.1f}"),
                  (f"generate bs={bs}: time to first token s", f"{g['ttft_s']:.3f}")]
-    width = max(len(k) for k, _ in rows)
-    print("\n" + "\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+    print_rows(rows)
 
 
 def main():
@@ -256,11 +239,7 @@ def main():
             print(f"train: {res['train_tokens_per_s']:.1f} tokens/s", flush=True)
     print_table(res)
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(res, indent=2) + "\n")
-        os.replace(tmp, path)
+        write_json(args.json, res)
 
 
 if __name__ == "__main__":

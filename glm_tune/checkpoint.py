@@ -147,9 +147,10 @@ def write_checkpoint(out_dir, revision="v1.1", formats=("sharded-bin",), seed=0,
         config_dict = official_config(revision, tokenizer, vocab_size, **shape)
         _atomic_json(tmp / "config.json", config_dict)
 
-        torch.manual_seed(seed)
         config = ChatGLMConfig.from_pretrained(tmp, initializer_range=init_std)
-        model = ChatGLMForConditionalGeneration(config).float()
+        with torch.random.fork_rng():  # leave the caller's random state alone (training seeds must repeat)
+            torch.manual_seed(seed)
+            model = ChatGLMForConditionalGeneration(config).float()
         state_dict = model.state_dict()  # like the official files: lm_head and embeddings both named
         for fmt in formats:
             write_weights(state_dict, tmp, fmt)

@@ -1,0 +1,54 @@
+"""Helpers shared by the bench scripts: device sync, peak memory in a fresh subprocess, table and JSON output."""
+
+import json
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+MEMORY_MARKER = "BENCH_MEMORY_RESULT "
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_memory_bytes(device):
+    """CUDA: torch.cuda.max_memory_allocated; CPU: this process's peak RSS (what the interpreter and torch hold
+    included). Both only ever grow, which is why a measurement gets a fresh process (run_memory_child)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def report_memory(result):
+    """Child side: hand `result` (a JSON-able dict) back to run_memory_child."""
+    print(MEMORY_MARKER + json.dumps(result), flush=True)
+
+
+def run_memory_child(script, argv):
+    """Run `python script *argv` in a fresh interpreter and return the dict it passed to report_memory."""
+    proc = subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith(MEMORY_MARKER):
+            return json.loads(line[len(MEMORY_MARKER):])
+    raise RuntimeError(f"memory subprocess failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
+
+
+def print_rows(rows):
+    """(label, value) pairs as an aligned two-column table."""
+    width = max(len(k) for k, _ in rows)
+    print("\n" + "\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+
+
+def write_json(path, result):
+    """`result` as indented JSON at `path`, written atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, path)
