@@ -137,10 +137,13 @@ def test_seed_resume_flags_start_from_a_chatglm_lora_pt(tmp_path):
 def test_fp16_without_cuda_falls_back_with_a_note_and_loggers_work_offline(tmp_path):
     out = tmp_path / "out"
     result = run_finetune("--output_dir", str(out), "--fp16", "--max_steps", "4", "--logging_steps", "2",
-                          "--eval_strategy", "no", "--report_to", "tensorboard,wandb",
+                          "--dataset_path", "data/demo/train.jsonl", "--eval_split", "0.1", "--eval_strategy",
+                          "steps", "--eval_steps", "2", "--report_to", "tensorboard,wandb",
                           env={"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "note: --fp16 needs a CUDA GPU; training on this CPU in fp32 instead" in result.stderr
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert [e["step"] for e in state["log_history"] if "eval_loss" in e] == [2, 4]  # the held-out 10% split
     assert list(out.rglob("events.out.tfevents.*")), "no tensorboard event file"
     assert list(tmp_path.glob("wandb/offline-run-*/run-*.wandb")), "no offline wandb run"
 
