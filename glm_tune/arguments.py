@@ -60,8 +60,13 @@ class LoraArguments:
 def with_demo_defaults(argv):
     """argv with the demo data and settings in front when no --dataset_path is given (later flags win)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not any(a == "--dataset_path" or a.startswith("--dataset_path=") for a in argv):
+
+    def given(flag):  # HfArgumentParser accepts --a_b, --a-b and --a_b=value
+        spellings = (flag, flag.replace("_", "-"))
+        return any(a in spellings or a.startswith(tuple(s + "=" for s in spellings)) for a in argv)
+
+    if not given("--dataset_path"):
         argv = DEMO_ARGS + argv
-    if not any(a == "--output_dir" or a.startswith("--output_dir=") for a in argv):
+    if not given("--output_dir"):
         argv = ["--output_dir", "output"] + argv
     return argv

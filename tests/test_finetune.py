@@ -159,3 +159,12 @@ def test_bad_input_is_one_line_error_with_exit_code_2(tmp_path, args, message):
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+def test_demo_defaults_apply_only_without_a_dataset_and_user_flags_win():
+    from glm_tune.arguments import DEMO_ARGS, with_demo_defaults
+
+    assert with_demo_defaults([]) == ["--output_dir", "output", *DEMO_ARGS]
+    assert with_demo_defaults(["--max_steps", "5"])[-2:] == ["--max_steps", "5"]  # later flags override the demo's
+    for mine in (["--dataset_path", "d.jsonl"], ["--dataset-path", "d.jsonl"], ["--dataset_path=d.jsonl"]):
+        assert with_demo_defaults(mine + ["--output-dir", "o"]) == mine + ["--output-dir", "o"]
