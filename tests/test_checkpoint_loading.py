@@ -147,3 +147,23 @@ def test_half_precision_loading_keeps_rope_exact_and_logits_close(make_checkpoin
     # Random weights give logits of size ~1: bf16 keeps ~3 significant digits through 2 layers.
     assert (got - ref).abs().max() <= 0.05 * ref.abs().max()
     assert torch.equal(got.argmax(-1), ref.argmax(-1))
+
+
+def test_device_map_with_disk_offload_gives_the_unsplit_models_tokens(make_checkpoint, tmp_path):
+    from accelerate import infer_auto_device_map
+
+    folder = make_checkpoint("v1.1", ("safetensors",), hidden_size=64, num_layers=4, num_attention_heads=4,
+                             inner_hidden_size=256)
+    full = ChatGLMForConditionalGeneration.from_pretrained(folder)
+    # _no_split_modules keeps each GLMBlock whole when accelerate plans a split
+    plan = infer_auto_device_map(full, max_memory={"cpu": 1_400_000, "disk": 10**10},
+                                 no_split_module_classes=full._no_split_modules)
+    assert set(plan.values()) == {"cpu", "disk"}
+    assert all(not k.startswith("transformer.layers.") or k.count(".") == 2 for k in plan), plan
+    offloaded = ChatGLMForConditionalGeneration.from_pretrained(folder, device_map=plan,
+                                                                offload_folder=str(tmp_path / "offload"))
+    tokenizer = ChatGLMTokenizer.from_pretrained(folder)
+    batch = tokenizer(["你好，世界", "hello there"], return_tensors="pt", padding=True)
+    assert torch.equal(offloaded(**batch).logits, full(**batch).logits)
+    greedy = dict(max_new_tokens=6, do_sample=False)
+    assert torch.equal(offloaded.generate(**batch, **greedy), full.generate(**batch, **greedy))
