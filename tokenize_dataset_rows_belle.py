@@ -13,6 +13,8 @@ import tempfile
 from pathlib import Path
 
 from glm_tune.data import FORMATS, DataError, read_records, tokenize_records
+from glm_tune.errors import UserError
+from glm_tune.loading import load_tokenizer
 
 
 def parse_args(argv=None):
@@ -43,31 +45,6 @@ def parse_args(argv=None):
     if args.num_proc < 1:
         parser.error(f"--num_proc must be at least 1, got {args.num_proc}")
     return args
-
-
-def load_tokenizer(model_name_or_path):
-    # Our ChatGLMTokenizer reads the official folder's ice_text.model and tokenizer_config.json; the official
-    # folder's own tokenization_chatglm.py does not run on transformers 5, so AutoTokenizer would load broken code.
-    from tokenization_chatglm import ChatGLMTokenizer
-
-    if model_name_or_path is None:
-        from glm_tune.checkpoint import small_checkpoint
-
-        model_name_or_path = small_checkpoint()
-    where = Path(model_name_or_path)
-    if (where.is_absolute() or str(model_name_or_path).startswith(".")) and not where.exists():
-        raise DataError(f"--model_name_or_path {model_name_or_path}: no such folder")
-    if where.is_dir() and not (where / "ice_text.model").exists():
-        raise DataError(f"--model_name_or_path {model_name_or_path}: no ice_text.model there (not a ChatGLM folder)")
-    try:
-        return ChatGLMTokenizer.from_pretrained(str(model_name_or_path))
-    except (OSError, RuntimeError, TypeError, ValueError) as err:
-        if not where.exists():
-            raise DataError(f"--model_name_or_path {model_name_or_path}: no such folder, and no cached hub model "
-                            "of that name") from None
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise DataError(f"--model_name_or_path {model_name_or_path}: cannot load a ChatGLM tokenizer "
-                        f"({first_line})") from None
 
 
 def save_atomically(dataset, save_path):
@@ -109,7 +86,7 @@ def main(argv=None):
         dataset, summary = tokenize_records(pairs, tokenizer, args.max_seq_length, args.skip_overlength,
                                             args.num_proc, skipped)
         save_atomically(dataset, args.save_path)
-    except DataError as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(summary.format())

@@ -350,8 +350,8 @@ def test_cli_errors_in_process(tmp_path, checkpoint, capsys):
     not_a_model.mkdir()
     args = ["--jsonl_path", str(data), "--save_path", str(tmp_path / "out"), "--max_seq_length", "64"]
     assert main([*args, "--model_name_or_path", str(not_a_model)]) == 2
-    assert capsys.readouterr().err == (f"error: --model_name_or_path {not_a_model}: no ice_text.model there "
-                                       "(not a ChatGLM folder)\n")
+    assert capsys.readouterr().err == (f"error: --model_name_or_path {not_a_model}: not a ChatGLM folder (needs "
+                                       "config.json and ice_text.model)\n")
 
     precious = tmp_path / "precious"
     precious.mkdir()
