@@ -15,14 +15,13 @@ Positions are counted from each row's first real token, so left padding changes 
 positions are derived here from `input_ids` and the 2D padding mask: callers never build per-sample L x L tensors.
 """
 
-import math
 import re
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import DynamicCache
 from transformers.generation.logits_process import (
     LogitsProcessorList,
     RepetitionPenaltyLogitsProcessor,

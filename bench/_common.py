@@ -1,13 +1,13 @@
 """Helpers shared by the bench scripts: device sync, peak memory in a fresh subprocess, table and JSON output."""
 
 import json
-import os
 import resource
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
+
+from glm_tune import atomic
 
 MEMORY_MARKER = "BENCH_MEMORY_RESULT "
 
@@ -47,8 +47,4 @@ def print_rows(rows):
 
 def write_json(path, result):
     """`result` as indented JSON at `path`, written atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic.write_json(path, result)

@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 from configuration_chatglm import ChatGLMConfig
+from glm_tune.atomic import write_json
 from glm_tune.tokenizer_model import DEFAULT_CORPUS, train_ice_text_model
 from modeling_chatglm import ChatGLMForConditionalGeneration
 from tokenization_chatglm import ChatGLMTokenizer
@@ -38,12 +39,6 @@ SMALL_SHAPE = dict(hidden_size=256, num_layers=4, num_attention_heads=4, inner_h
 WEIGHT_FORMATS = ("bin", "sharded-bin", "safetensors", "sharded-safetensors")
 # The tokenizer learns from the shipped prose and code plus the demo data set, so the demo's words are whole pieces.
 TOKENIZER_CORPUS = (DEFAULT_CORPUS, REPO_ROOT / "data" / "demo" / "train.jsonl")
-
-
-def _atomic_json(path, obj):
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _shards(state_dict, n_shards):
@@ -74,7 +69,7 @@ def write_weights(state_dict, folder, fmt, n_shards=3):
         weight_map.update(dict.fromkeys(shard, name))
         total += sum(t.numel() * t.element_size() for t in shard.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    _atomic_json(folder / f"{stem}.{ext}.index.json" if safetensors else folder / "pytorch_model.bin.index.json", index)
+    write_json(folder / f"{stem}.{ext}.index.json" if safetensors else folder / "pytorch_model.bin.index.json", index)
 
 
 def _dedup_shared(state_dict):
@@ -145,7 +140,7 @@ def write_checkpoint(out_dir, revision="v1.1", formats=("sharded-bin",), seed=0,
         tokenizer.save_pretrained(tmp)
         vocab_size = -(-tokenizer.vocab_size // 64) * 64  # padded like the official 130528 (> pieces)
         config_dict = official_config(revision, tokenizer, vocab_size, **shape)
-        _atomic_json(tmp / "config.json", config_dict)
+        write_json(tmp / "config.json", config_dict)
 
         config = ChatGLMConfig.from_pretrained(tmp, initializer_range=init_std)
         with torch.random.fork_rng():  # leave the caller's random state alone (training seeds must repeat)

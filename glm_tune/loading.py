@@ -2,8 +2,6 @@
 
 from pathlib import Path
 
-import torch
-
 from glm_tune.errors import UserError
 from glm_tune.runtime import parse_dtype
 from modeling_chatglm import ChatGLMForConditionalGeneration

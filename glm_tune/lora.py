@@ -1,12 +1,12 @@
 """LoRA wiring: which layers get adapters, and saving / loading them in both the PEFT and the seed's format."""
 
 import json
-import os
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
+from glm_tune.atomic import atomic_path
 from glm_tune.errors import UserError
 
 ALL_LINEAR = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
@@ -34,10 +34,8 @@ def lora_state_dict(model):
 
 def save_lora_pt(model, path, state_dict=None):
     """The seed's chatglm-lora.pt, written atomically."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state_dict if state_dict is not None else lora_state_dict(model), tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(state_dict if state_dict is not None else lora_state_dict(model), tmp)
 
 
 def load_lora_pt(peft_model, path):

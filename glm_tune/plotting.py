@@ -1,12 +1,13 @@
 """The loss curve PNG written after training."""
 
-import os
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")  # no display on training machines
 import matplotlib.pyplot as plt  # noqa: E402
+
+from glm_tune.atomic import atomic_path  # noqa: E402
 
 
 def plot_loss_curve(log_history, path, title="training loss"):
@@ -22,9 +23,7 @@ def plot_loss_curve(log_history, path, title="training loss"):
     ax.set(xlabel="step", ylabel="loss", title=title)
     ax.grid(alpha=0.3)
     ax.legend()
-    path = Path(path)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, bbox_inches="tight")
     plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return Path(path)

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
+from glm_tune.atomic import write_bytes
 from tokenization_chatglm import encode_whitespace  # the tokenizer's own rewrite, so training text matches
 
 __all__ = [
@@ -65,20 +65,6 @@ def _append_specials(model_bytes: bytes) -> bytes:
     for piece in CHATGLM_SPECIAL_PIECES:
         proto.pieces.add(piece=piece, score=0.0, type=sp_pb2.ModelProto.SentencePiece.USER_DEFINED)
     return proto.SerializeToString()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def train_ice_text_model(
@@ -122,5 +108,5 @@ def train_ice_text_model(
         minloglevel=2,  # keep the C++ trainer quiet
     )
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out_path, _append_specials(buffer.getvalue()))
+    write_bytes(out_path, _append_specials(buffer.getvalue()))
     return out_path
