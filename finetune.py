@@ -10,19 +10,15 @@ Every TrainingArguments flag works (`--help` lists them). The output folder hold
 loss_curve.png. `--resume_from_checkpoint latest` (or a checkpoint folder) continues an interrupted run exactly.
 """
 
-import sys
-
 import torch
-from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments, set_seed
-from transformers.trainer_utils import get_last_checkpoint
+from transformers import Trainer, TrainerCallback, set_seed
 
-from glm_tune.arguments import DataArguments, LoraArguments, ModelArguments, with_demo_defaults
-from glm_tune.data import PrefixLMCollator, load_training_data
-from glm_tune.errors import UserError, exit_on_user_error
+from glm_tune.arguments import parse_training_args
+from glm_tune.data import PrefixLMCollator, load_train_and_eval
+from glm_tune.errors import exit_on_user_error
 from glm_tune.loading import load_model, load_tokenizer
 from glm_tune.lora import SEED_FILE, add_lora, load_lora_pt, save_lora_pt
 from glm_tune.plotting import plot_loss_curve
-from glm_tune.runtime import cpu_has_fast_bf16
 
 
 class ClearCacheCallback(TrainerCallback):
@@ -39,50 +35,9 @@ class ClearCacheCallback(TrainerCallback):
         torch.cuda.empty_cache()
 
 
-def parse_args(argv=None):
-    parser = HfArgumentParser((ModelArguments, DataArguments, LoraArguments, TrainingArguments),
-                              description=__doc__.split("\n\n")[0])
-    model_args, data_args, lora_args, train_args = parser.parse_args_into_dataclasses(with_demo_defaults(argv))
-    if train_args.fp16 and not torch.cuda.is_available():
-        # fp16 autocast needs CUDA. On CPUs: bf16 where the CPU has native bf16 (AMX), else fp32 (documented).
-        fallback = "bf16" if cpu_has_fast_bf16() else "fp32"
-        print(f"note: --fp16 needs a CUDA GPU; training on this CPU in {fallback} instead", file=sys.stderr)
-        train_args.fp16, train_args.bf16 = False, fallback == "bf16"
-    if lora_args.is_resume and not lora_args.resume_path:
-        raise UserError("--is_resume needs --resume_path (a chatglm-lora.pt)")
-    if len(train_args.report_to) == 1 and "," in train_args.report_to[0]:  # --report_to tensorboard,wandb
-        train_args.report_to = [name.strip() for name in train_args.report_to[0].split(",")]
-    train_args.remove_unused_columns = False  # the collator needs seq_len, which the model does not take
-    train_args.label_names = ["labels"]
-    if str(train_args.resume_from_checkpoint).lower() in ("latest", "true"):
-        last = get_last_checkpoint(train_args.output_dir)
-        if last is None:
-            raise UserError(f"--resume_from_checkpoint latest: no checkpoint-* folder in {train_args.output_dir}")
-        train_args.resume_from_checkpoint = last
-    return model_args, data_args, lora_args, train_args
-
-
-def load_data(data_args, tokenizer):
-    def load(path):
-        dataset, summary = load_training_data(
-            path, tokenizer, data_args.max_seq_length, data_args.data_format, data_args.skip_bad_rows,
-            data_args.skip_overlength, data_args.num_proc,
-        )
-        print(f"{path}:\n{summary.format()}")
-        return dataset
-
-    train = load(data_args.dataset_path)
-    if data_args.eval_dataset_path:
-        return train, load(data_args.eval_dataset_path)
-    if data_args.eval_split > 0:
-        split = train.train_test_split(test_size=data_args.eval_split, seed=0)
-        return split["train"], split["test"]
-    return train, None
-
-
 @exit_on_user_error
 def main(argv=None):
-    model_args, data_args, lora_args, train_args = parse_args(argv)
+    model_args, data_args, lora_args, train_args = parse_training_args(argv, __doc__.split("\n\n")[0])
     tokenizer = load_tokenizer(model_args.model_name_or_path)
     model = load_model(model_args.model_name_or_path, model_args.dtype)
     model.config.use_cache = False  # no KV cache while training
@@ -92,7 +47,7 @@ def main(argv=None):
         print(f"loaded {load_lora_pt(model, lora_args.resume_path)} LoRA tensors from {lora_args.resume_path}")
     model.print_trainable_parameters()
 
-    train_dataset, eval_dataset = load_data(data_args, tokenizer)
+    train_dataset, eval_dataset = load_train_and_eval(data_args, tokenizer)
     trainer = Trainer(
         model=model,
         args=train_args,

@@ -343,9 +343,11 @@ def clean_response(text):
 
 class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "transformer.word_embeddings.weight"}
+    accepts_loss_kwargs = True  # forward honours num_items_in_batch (Trainer then does not divide by accumulation)
 
     def __init__(self, config):
         super().__init__(config)
+        self.loss_type = "ForCausalLM"  # labels shift inside forward: Trainer counts num_items_in_batch on labels[:, 1:]
         self.transformer = ChatGLMModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.pre_seq_len:  # P-Tuning v2 trains the prefix only
@@ -390,11 +392,17 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
 
         loss = None
         if labels is not None:
-            # Loss in fp32 whatever the weights' dtype (the seed's CastOutputToFloat).
+            # Loss in fp32 whatever the weights' dtype (the seed's CastOutputToFloat). With `num_items_in_batch` (the
+            # labelled tokens of a whole accumulation window, over every process) it is the window's token sum
+            # divided by that count, so accumulated and data-parallel gradients equal one big batch's.
             labels = labels.to(logits.device)
+            num_items_in_batch = kwargs.get("num_items_in_batch")
             loss = F.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
+                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100,
+                reduction="mean" if num_items_in_batch is None else "sum",
             )
+            if num_items_in_batch is not None:
+                loss = loss / torch.as_tensor(num_items_in_batch, device=loss.device)
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache)
 
     # -- generation ------------------------------------------------------------------------------------------------

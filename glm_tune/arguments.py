@@ -1,9 +1,18 @@
 """Command-line arguments shared by the training scripts (parsed with transformers' HfArgumentParser together with
 TrainingArguments), and the embedded demo defaults that a run without --dataset_path uses."""
 
+import dataclasses
+import os
 import sys
 from dataclasses import dataclass, field
+from datetime import timedelta
+from functools import cached_property
 from pathlib import Path
+
+import torch
+import transformers
+
+from glm_tune.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_TRAIN = REPO_ROOT / "data" / "demo" / "train.jsonl"
@@ -57,6 +66,39 @@ class LoraArguments:
     resume_path: str = field(default=None, metadata={"help": "(seed) a chatglm-lora.pt to start the adapter from"})
 
 
+@dataclass
+class TrainingArguments(transformers.TrainingArguments):
+    """transformers' TrainingArguments, with processes set up right on machines without CUDA.
+
+    There, transformers gives Accelerate no communication backend: under torchrun without --use_cpu every process
+    trains alone, and with --deepspeed the run is "distributed" over one process while DeepSpeed averages gradients
+    over all of them. On CPUs this sets up gloo: Accelerate's MULTI_CPU for DDP, DEEPSPEED (over gloo) with DeepSpeed.
+    """
+
+    @cached_property
+    def _setup_devices(self):
+        launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        if torch.cuda.is_available() or not launched:
+            return super()._setup_devices
+        from accelerate.state import AcceleratorState, PartialState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        deepspeed = bool(self.deepspeed) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+        timeout = timedelta(seconds=self.ddp_timeout)
+        if deepspeed:  # Accelerate's DeepSpeed branch, with the backend it would otherwise leave unset
+            saved = os.environ.get("ACCELERATE_USE_DEEPSPEED")
+            os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+            try:
+                self.distributed_state = PartialState(backend="gloo", timeout=timeout)
+            finally:
+                if saved is None:
+                    del os.environ["ACCELERATE_USE_DEEPSPEED"]
+        else:
+            self.distributed_state = PartialState(cpu=True, backend="gloo", timeout=timeout)
+        self._n_gpu = 0
+        return self.distributed_state.device
+
+
 def with_demo_defaults(argv):
     """argv with the demo data and settings in front when no --dataset_path is given (later flags win)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -70,3 +112,40 @@ def with_demo_defaults(argv):
     if not given("--output_dir"):
         argv = ["--output_dir", "output"] + argv
     return argv
+
+
+def parse_training_args(argv=None, description=None):
+    """(ModelArguments, DataArguments, LoraArguments, TrainingArguments) from the command line, the same for every
+    training script: demo defaults without --dataset_path, --fp16 falls back on CPUs, `--report_to a,b`,
+    `--resume_from_checkpoint latest`."""
+    from transformers import HfArgumentParser
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from glm_tune.runtime import cpu_has_fast_bf16
+
+    parser = HfArgumentParser((ModelArguments, DataArguments, LoraArguments, TrainingArguments),
+                              description=description)
+    model_args, data_args, lora_args, train_args = parser.parse_args_into_dataclasses(with_demo_defaults(argv))
+    if train_args.deepspeed and not Path(str(train_args.deepspeed)).is_file():
+        raise UserError(f"--deepspeed {train_args.deepspeed}: no such DeepSpeed config file")
+    changes = dict(remove_unused_columns=False,  # the collator needs seq_len, which the model does not take
+                   label_names=["labels"])
+    if train_args.fp16 and not torch.cuda.is_available():
+        # fp16 autocast needs CUDA. On CPUs: bf16 where the CPU has native bf16 (AMX), else fp32 (documented).
+        fallback = "bf16" if cpu_has_fast_bf16() else "fp32"
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"note: --fp16 needs a CUDA GPU; training on this CPU in {fallback} instead", file=sys.stderr)
+        changes.update(fp16=False, bf16=fallback == "bf16")
+    if len(train_args.report_to) == 1 and "," in train_args.report_to[0]:  # --report_to tensorboard,wandb
+        changes["report_to"] = [name.strip() for name in train_args.report_to[0].split(",")]
+    if str(train_args.resume_from_checkpoint).lower() in ("latest", "true"):
+        last = get_last_checkpoint(train_args.output_dir)
+        if last is None:
+            raise UserError(f"--resume_from_checkpoint latest: no checkpoint-* folder in {train_args.output_dir}")
+        changes["resume_from_checkpoint"] = last
+    # a fresh TrainingArguments, so that what __post_init__ derives (the DeepSpeed config's "auto" values among it)
+    # sees the final flags
+    train_args = dataclasses.replace(train_args, **changes)
+    if lora_args.is_resume and not lora_args.resume_path:
+        raise UserError("--is_resume needs --resume_path (a chatglm-lora.pt)")
+    return model_args, data_args, lora_args, train_args

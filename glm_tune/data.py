@@ -388,6 +388,26 @@ def load_training_data(path, tokenizer, max_seq_length, fmt="auto", skip_bad_row
     return tokenize_records(pairs, tokenizer, max_seq_length, skip_overlength, num_proc, skipped)
 
 
+def load_train_and_eval(data_args, tokenizer, log=print):
+    """(train, eval or None) for a DataArguments: --dataset_path, and --eval_dataset_path or an --eval_split of it.
+    Each file's summary (rows, lengths, truncation) goes to `log` (None: silent, e.g. on non-main processes)."""
+
+    def load(path):
+        dataset, summary = load_training_data(path, tokenizer, data_args.max_seq_length, data_args.data_format,
+                                              data_args.skip_bad_rows, data_args.skip_overlength, data_args.num_proc)
+        if log:
+            log(f"{path}:\n{summary.format()}")
+        return dataset
+
+    train = load(data_args.dataset_path)
+    if data_args.eval_dataset_path:
+        return train, load(data_args.eval_dataset_path)
+    if data_args.eval_split > 0:
+        split = train.train_test_split(test_size=data_args.eval_split, seed=0)
+        return split["train"], split["test"]
+    return train, None
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Batches
 
