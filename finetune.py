@@ -4,6 +4,7 @@
     python finetune.py --model_name_or_path /models/chatglm-6b --dataset_path data/alpaca --lora_rank 8 \
         --per_device_train_batch_size 2 --max_steps 2000 --save_steps 1000 --learning_rate 2e-5 --fp16 \
         --output_dir output --report_to wandb
+    torchrun --nproc_per_node=2 finetune.py --deepspeed ds_config_zero3.json ...   # several GPUs, DeepSpeed
 
 Every TrainingArguments flag works (`--help` lists them). The output folder holds the PEFT adapter
 (adapter_config.json + adapter_model.safetensors), the seed's chatglm-lora.pt, the tokenizer, trainer_state.json and
@@ -47,7 +48,8 @@ def main(argv=None):
         print(f"loaded {load_lora_pt(model, lora_args.resume_path)} LoRA tensors from {lora_args.resume_path}")
     model.print_trainable_parameters()
 
-    train_dataset, eval_dataset = load_train_and_eval(data_args, tokenizer)
+    train_dataset, eval_dataset = load_train_and_eval(data_args, tokenizer,
+                                                      log=print if train_args.process_index == 0 else None)
     trainer = Trainer(
         model=model,
         args=train_args,

@@ -250,8 +250,10 @@ def train_window(model, window, accelerator):
     """The backward passes of one optimizer step. Each micro-batch's loss is its token-loss sum divided by the labelled
     tokens of the whole window on all processes; backward() divides by the accumulation steps and DDP/DeepSpeed average
     over processes, so `scale` makes the step's gradient exactly the window's mean token gradient (a partial window at
-    an epoch's end included). Returns (the window's mean token loss, its labelled tokens), over all processes."""
-    n_items = accelerator.reduce(sum(labelled(b) for b in window).to(accelerator.device), "sum")
+    an epoch's end included). Returns the window's mean token loss, labelled tokens and real tokens, over all
+    processes."""
+    counts = torch.stack([sum(labelled(b) for b in window), sum(b["attention_mask"].sum() for b in window)])
+    n_items, n_real = accelerator.reduce(counts.to(accelerator.device), "sum")
     scale = accelerator.num_processes * accelerator.gradient_accumulation_steps
     loss_sum = torch.zeros((), device=accelerator.device)
     for i, batch in enumerate(window):
@@ -261,7 +263,7 @@ def train_window(model, window, accelerator):
             loss = model(**batch, num_items_in_batch=n_items).loss
             accelerator.backward(loss * scale)
         loss_sum += loss.detach()
-    return accelerator.reduce(loss_sum, "sum").item(), n_items.item()
+    return accelerator.reduce(loss_sum, "sum").item(), n_items.item(), n_real.item()
 
 
 @torch.no_grad()
@@ -352,34 +354,34 @@ def main(argv=None):
 
     model.train()
     bar = tqdm(total=total_steps, initial=step, desc="training", disable=not is_main or args.disable_tqdm)
-    window_loss, window_tokens, real_tokens, clock = 0.0, 0, 0, time.perf_counter()
+    logged_loss, logged_tokens, logged_real, busy = 0.0, 0, 0, 0.0  # since the last log; busy: seconds training
     while step < total_steps and epoch < epochs:
         train_dl.set_epoch(epoch)
         batches = accelerator.skip_first_batches(train_dl, batches_done) if batches_done else train_dl
         epoch_loss, epoch_tokens = 0.0, 0
         with MemoryTracker() as memory:
             for window in windows(batches, accumulation):
-                loss, tokens = train_window(model, window, accelerator)
+                started = time.perf_counter()
+                loss, tokens, real = train_window(model, window, accelerator)
                 grad_norm = accelerator.clip_grad_norm_(trainable, args.max_grad_norm) if args.max_grad_norm else None
                 optimizer.step()
-                if not ds:  # DeepSpeed steps its schedule inside its optimizer step
+                if "scheduler" not in ds_config:  # a DeepSpeed config's own schedule steps inside DeepSpeed
                     scheduler.step()
                 optimizer.zero_grad()
+                busy += time.perf_counter() - started
                 step, batches_done = step + 1, batches_done + len(window)
-                real_tokens += sum(b["attention_mask"].sum().item() for b in window)
-                window_loss, window_tokens = window_loss + loss * tokens, window_tokens + tokens
+                logged_loss, logged_tokens, logged_real = logged_loss + loss * tokens, logged_tokens + tokens, \
+                    logged_real + real
                 epoch_loss, epoch_tokens = epoch_loss + loss * tokens, epoch_tokens + tokens
                 bar.update(1)
                 if step % args.logging_steps == 0 or step == total_steps:
-                    elapsed = time.perf_counter() - clock
-                    mean = window_loss / max(window_tokens, 1)
-                    entry = {"loss": mean, "perplexity": math.exp(min(mean, 50)), "learning_rate":
-                             scheduler.get_last_lr()[0], "tokens_per_second": real_tokens * accelerator.num_processes
-                             / elapsed}
+                    mean = logged_loss / max(logged_tokens, 1)
+                    entry = {"loss": mean, "perplexity": math.exp(min(mean, 50)),
+                             "learning_rate": scheduler.get_last_lr()[0], "tokens_per_second": logged_real / busy}
                     if grad_norm is not None:
                         entry["grad_norm"] = float(grad_norm)
                     log(entry)
-                    window_loss, window_tokens, real_tokens, clock = 0.0, 0, 0, time.perf_counter()
+                    logged_loss, logged_tokens, logged_real, busy = 0.0, 0, 0, 0.0
                 if args.eval_strategy == "steps" and args.eval_steps and step % int(args.eval_steps) == 0:
                     run_eval()
                 if args.save_strategy != "no" and args.save_steps and step % int(args.save_steps) == 0 \

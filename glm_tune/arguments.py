@@ -2,6 +2,7 @@
 TrainingArguments), and the embedded demo defaults that a run without --dataset_path uses."""
 
 import dataclasses
+import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -99,6 +100,17 @@ class TrainingArguments(transformers.TrainingArguments):
         return self.distributed_state.device
 
 
+def _flag_value(argv, flag):
+    """The value given to `flag` in argv (`--flag value` or `--flag=value`; the last one wins), else None."""
+    value = None
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith(flag + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
 def with_demo_defaults(argv):
     """argv with the demo data and settings in front when no --dataset_path is given (later flags win)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -125,9 +137,17 @@ def parse_training_args(argv=None, description=None):
 
     parser = HfArgumentParser((ModelArguments, DataArguments, LoraArguments, TrainingArguments),
                               description=description)
-    model_args, data_args, lora_args, train_args = parser.parse_args_into_dataclasses(with_demo_defaults(argv))
-    if train_args.deepspeed and not Path(str(train_args.deepspeed)).is_file():
-        raise UserError(f"--deepspeed {train_args.deepspeed}: no such DeepSpeed config file")
+    argv = with_demo_defaults(argv)
+    deepspeed = _flag_value(argv, "--deepspeed")
+    if deepspeed is not None and not deepspeed.lstrip().startswith("{"):  # a file (not inline JSON): checked
+        # before TrainingArguments reads it, which fails with a traceback
+        if not Path(deepspeed).is_file():
+            raise UserError(f"--deepspeed {deepspeed}: no such DeepSpeed config file")
+        try:
+            json.loads(Path(deepspeed).read_text())
+        except ValueError as err:
+            raise UserError(f"{deepspeed}:{getattr(err, 'lineno', '?')}: not valid JSON ({err})") from None
+    model_args, data_args, lora_args, train_args = parser.parse_args_into_dataclasses(argv)
     changes = dict(remove_unused_columns=False,  # the collator needs seq_len, which the model does not take
                    label_names=["labels"])
     if train_args.fp16 and not torch.cuda.is_available():
