@@ -24,6 +24,7 @@ process writes files and prints.
 """
 
 import contextlib
+import json
 import math
 import os
 import shutil
@@ -37,6 +38,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import (DataLoaderConfiguration, DistributedDataParallelKwargs, DistributedType, DummyOptim,
                               DummyScheduler, InitProcessGroupKwargs)
+from safetensors.torch import load_file
 from torch.distributed.elastic.multiprocessing.errors import record
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -206,8 +208,6 @@ def load_checkpoint(model, accelerator, folder, rows):
     folder = Path(folder)
     if not (folder / STATE_FILE).is_file():
         raise UserError(f"--resume_from_checkpoint {folder}: no {STATE_FILE} there (not a checkpoint of this script)")
-    import json
-
     state = json.loads((folder / STATE_FILE).read_text())
     if state["train_rows"] != rows:
         raise UserError(f"{folder}/{STATE_FILE}: the run had {state['train_rows']} training rows, this data has "
@@ -217,14 +217,11 @@ def load_checkpoint(model, accelerator, folder, rows):
     else:
         accelerator.load_state(folder, strict=False)
     # the adapter written beside the state must be what was restored (a wrong folder fails here, not silently)
-    from safetensors.torch import load_file
-
-    saved = load_file(folder / "adapter_model.safetensors")
-    restored = {k: v for k, v in trainable_state(model, accelerator).items()}
-    restored_flat = {k.replace(".default", ""): v for k, v in restored.items()}
-    for name, tensor in saved.items():
-        if name not in restored_flat or not torch.equal(restored_flat[name].to(tensor.dtype), tensor):
-            raise UserError(f"{folder}: restored LoRA tensor {name} differs from the checkpoint's adapter")
+    restored = {name.replace(".default", ""): t for name, t in trainable_state(model, accelerator).items()}
+    for name, tensor in load_file(folder / "adapter_model.safetensors").items():
+        if name not in restored or not torch.equal(restored[name].to(tensor.dtype), tensor):
+            raise UserError(f"{folder}: restored LoRA tensor {name} differs from the checkpoint's adapter (another "
+                            "--lora_rank / --lora_target?)")
     return state
 
 

@@ -271,3 +271,30 @@ def test_bad_input_is_a_one_line_error(setup, tmp_path, args, message):
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0] and "Traceback" not in result.stderr
+
+
+def test_accumulation_equals_a_bigger_batch_and_eval_loss_is_the_adapters(setup, one_process, tmp_path):
+    """batch 1 x accumulation 2 follows batch 2; the logged eval loss is the finished adapter's mean token loss on the
+    eval rows, computed here independently."""
+    from glm_tune.data import PrefixLMCollator, load_training_data
+
+    model, folder, flags = setup
+    one_process, _ = one_process
+    rows = (ROOT / "data/demo/test.jsonl").read_text().splitlines()[:10]
+    (folder / "eval.jsonl").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "out"
+    launch([sys.executable], SCRIPT, flags, out, "--per_device_train_batch_size", "1",
+           "--gradient_accumulation_steps", "2", "--eval_dataset_path", str(folder / "eval.jsonl"),
+           "--eval_strategy", "steps", "--eval_steps", "3", "--per_device_eval_batch_size", "4")
+    assert_close_curves(losses(out), losses(one_process), CURVE_RTOL)
+    assert_same_adapter(adapter(out), adapter(one_process), atol=1e-5)
+
+    logged = {e["step"]: e["eval_loss"] for e in json.loads((out / "training_state.json").read_text())["log_history"]
+              if "eval_loss" in e}
+    assert sorted(logged) == [3, 6]
+    peft_model, tokenizer = load_model_and_tokenizer(str(model), str(out), dtype="fp32")
+    dataset, _ = load_training_data(folder / "eval.jsonl", tokenizer, 64)
+    batch = PrefixLMCollator(tokenizer)([dataset[i] for i in range(len(dataset))])
+    with torch.no_grad():
+        total = peft_model(**batch, num_items_in_batch=1).loss  # the sum over every labelled token
+    assert logged[6] == pytest.approx((total / batch["labels"][:, 1:].ne(-100).sum()).item(), rel=1e-5)
