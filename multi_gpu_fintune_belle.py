@@ -324,10 +324,9 @@ def main(argv=None):
                                                   state["log_history"])
         accelerator.print(f"resumed from {args.resume_from_checkpoint}: step {step}, epoch {epoch}, "
                           f"{batches_done} batches into it")
-    if is_main:
-        hparams = {k: v for k, v in {**vars(model_args), **vars(data_args), **vars(lora_args),
-                                     **args.to_sanitized_dict()}.items() if isinstance(v, (int, float, str, bool))}
-        accelerator.init_trackers("glm-tune", config=hparams)
+    hparams = {k: v for k, v in {**vars(model_args), **vars(data_args), **vars(lora_args),
+                                 **args.to_sanitized_dict()}.items() if isinstance(v, (int, float, str, bool))}
+    accelerator.init_trackers("glm-tune", config=hparams)  # the trackers live on the main process
     accelerator.print(f"{len(train_set)} rows, {accelerator.num_processes} process(es) x batch "
                       f"{args.per_device_train_batch_size} x accumulation {accumulation}: {updates_per_epoch} steps "
                       f"an epoch, {total_steps} steps, {epochs} epoch(s)"
