@@ -56,7 +56,7 @@ _USER_ROLES = {"human", "user"}
 _ASSISTANT_ROLES = {"gpt", "assistant", "bot"}
 # Typed into data, these would still become ChatGLM's control tokens (they are pieces of ice_text.model) and move
 # where the model thinks the prompt ends, so such rows are rejected rather than silently mistrained.
-_CONTROL_TEXT = ("[gMASK]", "[MASK]", "[sMASK]", "<sop>", "<eop>")
+CONTROL_TEXT = ("[gMASK]", "[MASK]", "[sMASK]", "<sop>", "<eop>")
 
 
 class DataError(UserError):
@@ -78,7 +78,7 @@ def detect_format(record):
     return next((fmt for fmt, key in _KEY_FIELDS if key in record), None)
 
 
-def _json_type(value):
+def json_type(value):
     names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
     return names.get(type(value), "a number")
 
@@ -94,13 +94,13 @@ def _text(record, name, label=None, optional=False):
             raise DataError(f"field '{label}' must be a string, got null", "wrong type")
         raise DataError(f"missing field '{label}'", "missing field")
     if not isinstance(value, str):
-        raise DataError(f"field '{label}' must be a string, got {_json_type(value)}", "wrong type")
+        raise DataError(f"field '{label}' must be a string, got {json_type(value)}", "wrong type")
     try:
         # Undecodable bytes arrive as lone surrogates (the file is read with surrogateescape); so do "\udc80" escapes.
         value.encode("utf-8")
     except UnicodeEncodeError:
         raise DataError(f"field '{label}' is not valid UTF-8 text", "invalid UTF-8") from None
-    control = next((token for token in _CONTROL_TEXT if token in value), None)
+    control = next((token for token in CONTROL_TEXT if token in value), None)
     if control:
         raise DataError(f"field '{label}' contains ChatGLM's control token '{control}'", "control token in text")
     return value
@@ -117,12 +117,12 @@ def _render_conversation(record):
         raise DataError("missing field 'conversations'", "missing field")
     turns = record["conversations"]
     if not isinstance(turns, list):
-        raise DataError(f"field 'conversations' must be a list, got {_json_type(turns)}", "wrong type")
+        raise DataError(f"field 'conversations' must be a list, got {json_type(turns)}", "wrong type")
     system, pairs, user = "", [], None
     for i, turn in enumerate(turns):
         where = f"conversations[{i}]"
         if not isinstance(turn, dict):
-            raise DataError(f"{where} must be an object, got {_json_type(turn)}", "wrong type")
+            raise DataError(f"{where} must be an object, got {json_type(turn)}", "wrong type")
         role_key = "from" if "from" in turn or "role" not in turn else "role"
         text_key = "value" if "value" in turn or "content" not in turn else "content"
         role = _text(turn, role_key, f"{where}.{role_key}").strip().lower()
@@ -178,7 +178,7 @@ def render_example(record, fmt):
 # Files -> rows
 
 
-def _parse_rows(path):
+def parse_rows(path):
     """Yield (location, JSON value or DataError) for every row of a JSONL or JSON-array file."""
     path = Path(path)
     if not path.exists():
@@ -223,12 +223,12 @@ def read_records(path, fmt="auto", skip_bad_rows=False):
         raise ValueError(f"unknown format {fmt!r}; choose auto or one of {', '.join(FORMATS)}")
     file_format = None if fmt == "auto" else fmt
     pairs, skipped = [], Counter()
-    for where, row in _parse_rows(path):
+    for where, row in parse_rows(path):
         try:
             if isinstance(row, DataError):
                 raise row
             if not isinstance(row, dict):
-                raise DataError(f"row is {_json_type(row)}, not an object", "not an object")
+                raise DataError(f"row is {json_type(row)}, not an object", "not an object")
             row_format = file_format or detect_format(row)
             if row_format is None:
                 raise DataError(f"cannot tell the row format from fields {sorted(row)}; expected one of: "

@@ -29,11 +29,15 @@ def load_tokenizer(model_name_or_path=None):
     return ChatGLMTokenizer.from_pretrained(str(resolve_model_path(model_name_or_path)))
 
 
-def load_model(model_name_or_path=None, dtype="auto", device_map=None):
-    """Our model class on the folder's weights, checked against the folder's tokenizer."""
+def load_model(model_name_or_path=None, dtype="auto", device_map=None, max_memory=None, offload_folder=None):
+    """Our model class on the folder's weights, checked against the folder's tokenizer.
+
+    `device_map` ("auto" or a plan) splits the model by layer over GPUs, CPU and disk within `max_memory`
+    ({0: "20GiB", "cpu": "60GiB"}); layers planned on "disk" are kept in `offload_folder` and loaded as needed."""
     folder = resolve_model_path(model_name_or_path)
     dtype = parse_dtype(dtype) if isinstance(dtype, (str, type(None))) else dtype
-    model = ChatGLMForConditionalGeneration.from_pretrained(str(folder), dtype=dtype, device_map=device_map)
+    split = {} if device_map is None else dict(max_memory=max_memory, offload_folder=offload_folder)
+    model = ChatGLMForConditionalGeneration.from_pretrained(str(folder), dtype=dtype, device_map=device_map, **split)
     check_tokenizer_matches(model.config, load_tokenizer(folder), folder)
     return model
 
@@ -50,11 +54,35 @@ def check_tokenizer_matches(config, tokenizer, where):
                         f"{tokenizer.vocab_size}")
 
 
-def load_model_and_tokenizer(model_name_or_path=None, lora_path=None, dtype="auto", device_map=None):
-    """The base model (plus adapter, if given) in eval mode, and its tokenizer."""
+def load_model_and_tokenizer(model_name_or_path=None, lora_path=None, dtype="auto", device_map=None,
+                             merge_adapter=False, max_memory=None, offload_folder=None):
+    """The base model (plus adapter, if given) in eval mode, and its tokenizer.
+
+    merge_adapter=True adds the adapter into the base weights (one plain model, no LoRA layers left): what tensor
+    parallelism needs, and faster. With a `device_map` (see load_model) an adapter is always merged, in CPU memory
+    before the model is split: PEFT cannot load adapter weights into layers offloaded to disk."""
     from glm_tune.lora import apply_adapter
 
-    model = load_model(model_name_or_path, dtype, device_map)
+    split_after_merge = bool(lora_path) and device_map is not None
+    model = load_model(model_name_or_path, dtype, None if split_after_merge else device_map, max_memory,
+                       offload_folder)
     if lora_path:
         model = apply_adapter(model, lora_path)
+        if merge_adapter or split_after_merge:
+            model = model.merge_and_unload()
+    if split_after_merge:
+        model = split_model(model, device_map, max_memory, offload_folder)
     return model.eval(), load_tokenizer(model_name_or_path)
+
+
+def split_model(model, device_map="auto", max_memory=None, offload_folder=None):
+    """A model in memory spread over devices the way from_pretrained(device_map="auto") plans it: balanced over the
+    GPUs, whole GLMBlocks, the rest on "cpu", then on disk in `offload_folder`."""
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    if isinstance(device_map, str):
+        no_split = model._no_split_modules
+        max_memory = get_balanced_memory(model, max_memory, no_split_module_classes=no_split)
+        device_map = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split)
+    return dispatch_model(model, device_map, offload_dir=offload_folder)
