@@ -10,12 +10,11 @@ weight becomes W + (alpha / r) * B @ A, so the merged model computes what base +
 """
 
 import argparse
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from configuration_chatglm import ChatGLMConfig
+from glm_tune.atomic import atomic_dir
 from glm_tune.checkpoint import AUTO_MAP, CODE_FILES, REPO_ROOT
 from glm_tune.errors import UserError, exit_on_user_error
 from glm_tune.loading import load_model_and_tokenizer, resolve_model_path
@@ -49,20 +48,12 @@ def check_output_dir(output_dir, base, lora_path, overwrite):
 
 def save_merged(model, tokenizer, output_dir, max_shard_size):
     """Weights, config and tokenizer written into a temporary folder beside `output_dir`, then renamed into place."""
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
-    try:
+    with atomic_dir(output_dir) as tmp:
         model.config.auto_map = AUTO_MAP  # AutoModel(..., trust_remote_code=True) finds the code files through it
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(tmp)
         for name in CODE_FILES:  # ours, which run on transformers 5 (the official folder's no longer do)
             shutil.copy2(REPO_ROOT / name, tmp / name)
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        os.replace(tmp, output_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 @exit_on_user_error

@@ -13,14 +13,13 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 from configuration_chatglm import ChatGLMConfig
-from glm_tune.atomic import write_json
+from glm_tune.atomic import atomic_dir, write_json
 from glm_tune.tokenizer_model import DEFAULT_CORPUS, train_ice_text_model
 from modeling_chatglm import ChatGLMForConditionalGeneration
 from tokenization_chatglm import ChatGLMTokenizer
@@ -130,9 +129,7 @@ def write_checkpoint(out_dir, revision="v1.1", formats=("sharded-bin",), seed=0,
         raise ValueError(f"unknown weight format(s) {sorted(unknown)}; choose from {WEIGHT_FORMATS}")
     shape = {**SMALL_SHAPE, **shape}
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         for name in CODE_FILES:
             shutil.copy2(REPO_ROOT / name, tmp / name)
         sp_path = train_ice_text_model(tmp / "ice_text.model", corpus, vocab_size=vocab_pieces)
@@ -149,12 +146,6 @@ def write_checkpoint(out_dir, revision="v1.1", formats=("sharded-bin",), seed=0,
         state_dict = model.state_dict()  # like the official files: lm_head and embeddings both named
         for fmt in formats:
             write_weights(state_dict, tmp, fmt)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
