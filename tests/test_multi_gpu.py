@@ -274,8 +274,8 @@ def test_bad_input_is_a_one_line_error(setup, tmp_path, args, message):
 
 
 def test_accumulation_equals_a_bigger_batch_and_eval_loss_is_the_adapters(setup, one_process, tmp_path):
-    """batch 1 x accumulation 2 follows batch 2; the logged eval loss is the finished adapter's mean token loss on the
-    eval rows, computed here independently."""
+    """batch 1 x accumulation 2 follows batch 2; --save_total_limit keeps the newest checkpoints; the logged eval loss
+    is the finished adapter's mean token loss on the eval rows, computed here independently."""
     from glm_tune.data import PrefixLMCollator, load_training_data
 
     model, folder, flags = setup
@@ -285,7 +285,9 @@ def test_accumulation_equals_a_bigger_batch_and_eval_loss_is_the_adapters(setup,
     out = tmp_path / "out"
     launch([sys.executable], SCRIPT, flags, out, "--per_device_train_batch_size", "1",
            "--gradient_accumulation_steps", "2", "--eval_dataset_path", str(folder / "eval.jsonl"),
-           "--eval_strategy", "steps", "--eval_steps", "3", "--per_device_eval_batch_size", "4")
+           "--eval_strategy", "steps", "--eval_steps", "3", "--per_device_eval_batch_size", "4",
+           "--save_steps", "2", "--save_total_limit", "2")
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]  # 2 of 2, 4, 6
     assert_close_curves(losses(out), losses(one_process), CURVE_RTOL)
     assert_same_adapter(adapter(out), adapter(one_process), atol=1e-5)
 
