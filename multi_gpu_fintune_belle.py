@@ -248,7 +248,11 @@ def train_window(model, window, accelerator):
     tokens of the whole window on all processes; backward() divides by the accumulation steps and DDP/DeepSpeed average
     over processes, so `scale` makes the step's gradient exactly the window's mean token gradient (a partial window at
     an epoch's end included). Returns the window's mean token loss, labelled tokens and real tokens, over all
-    processes."""
+    processes.
+
+    The accumulation switches are accelerator.accumulate()'s own (no_sync on the way, sync_gradients on the window's
+    last micro-batch), set per window as transformers' Trainer does: accumulate() finds boundaries by a step counter
+    and the loader's end flag, which read-ahead (needed to count the window's tokens first) would put off."""
     counts = torch.stack([sum(labelled(b) for b in window), sum(b["attention_mask"].sum() for b in window)])
     n_items, n_real = accelerator.reduce(counts.to(accelerator.device), "sum")
     scale = accelerator.num_processes * accelerator.gradient_accumulation_steps
