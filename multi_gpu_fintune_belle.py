@@ -411,6 +411,7 @@ def main(argv=None):
         base = f" --model_name_or_path {model_args.model_name_or_path}" if model_args.model_name_or_path else ""
         print(f"saved the adapter to {out}/ (loss curve: {plot})")
         print(f"try it: python inference.py --lora_path {out}{base}")
+    accelerator.wait_for_everyone()  # tear the process group down together: a rank leaving early can abort at exit
     accelerator.end_training()
 
 

@@ -68,7 +68,9 @@ def setup(make_checkpoint, tmp_path_factory):
 def launch(prefix, script, flags, out, *extra, timeout=TIMEOUT, env=None):
     result = subprocess.run([*prefix, script, *flags, "--output_dir", str(out), *extra], cwd=ROOT,
                             capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
-    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-4000:])
+    if result.returncode != 0:  # pytest shows what a failed test printed, in full
+        print(f"$ {' '.join(result.args)}\n--- stdout\n{result.stdout[-5000:]}\n--- stderr\n{result.stderr[-20000:]}")
+    assert result.returncode == 0, f"exit status {result.returncode}"
     return result
 
 
