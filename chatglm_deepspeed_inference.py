@@ -19,7 +19,8 @@ import torch
 
 from glm_tune.batch_inference import BatchJob, add_job_arguments
 from glm_tune.deepspeed_inference import (
-    broadcast, deepspeed_installed, describe_split, init_inference, launcher_world_size, setup_distributed)
+    broadcast, deepspeed_installed, describe_split, finish_distributed, init_inference, launcher_world_size,
+    setup_distributed)
 from glm_tune.errors import UserError, exit_on_user_error
 from glm_tune.loading import load_model_and_tokenizer
 
@@ -58,6 +59,7 @@ def main(argv=None):
     summary = job.run(model, tokenizer, done, write=rank == 0)
     if rank == 0:
         print(summary)
+    finish_distributed()
 
 
 if __name__ == "__main__":

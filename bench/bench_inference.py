@@ -23,7 +23,7 @@ import torch  # noqa: E402
 from bench._common import print_rows, write_json  # noqa: E402
 from bench.bench_model import DIMS, PRESETS, bench_generate, build_model, make_config  # noqa: E402
 from glm_tune.deepspeed_inference import (  # noqa: E402
-    deepspeed_installed, init_inference, setup_distributed)
+    deepspeed_installed, finish_distributed, init_inference, setup_distributed)
 from glm_tune.runtime import parse_dtype  # noqa: E402
 
 
@@ -80,8 +80,12 @@ def main():
         res[engine] = bench_generate(model, config, args, device)
         if rank == 0:
             print(f"{engine}: {res[engine]}", flush=True)
-    if rank != 0:
-        return
+    if rank == 0:
+        report(res, engines, args)
+    finish_distributed()
+
+
+def report(res, engines, args):
     rows = [(k, res[k]) for k in ("config", "dtype", "device", "ranks", "threads")]
     for engine in engines:
         for bs, g in res[engine].items():

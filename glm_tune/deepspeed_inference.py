@@ -52,6 +52,14 @@ def setup_distributed():
     return torch.distributed.get_rank(), world
 
 
+def finish_distributed():
+    """Every rank waits for the others (rank 0 may still be writing), then the process group goes down on all of them
+    together: a rank that leaves early can abort at exit, and the launcher then kills the rest."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def broadcast(obj):
     """`obj` of rank 0 on every rank (unchanged when there is one process)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
