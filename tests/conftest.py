@@ -40,3 +40,15 @@ def make_checkpoint(tmp_path_factory):
         return built[key]
 
     return make
+
+
+@pytest.fixture(scope="session", autouse=True)
+def remove_deepspeed_shm_buffers():
+    """DeepSpeed's CPU all-reduce leaves a 69 MB shared-memory buffer per rank in /dev/shm (RAM) for every launch and
+    never unlinks it; remove the ones this test session made."""
+    shm = Path("/dev/shm")
+    before = set(shm.glob("deepspeed_allreduce_buffer_*")) if shm.is_dir() else set()
+    yield
+    if shm.is_dir():
+        for path in set(shm.glob("deepspeed_allreduce_buffer_*")) - before:
+            path.unlink(missing_ok=True)
