@@ -45,6 +45,18 @@ def print_rows(rows):
     print("\n" + "\n".join(f"{k:<{width}}  {v}" for k, v in rows))
 
 
-def write_json(path, result):
-    """`result` as indented JSON at `path`, written atomically."""
-    atomic.write_json(path, result)
+def generation_rows(label, results):
+    """Table rows for bench_generate's results ({batch size: figures}), three a batch size."""
+    rows = []
+    for bs, g in results.items():
+        rows += [(f"{label} bs={bs}: new tokens/s", f"{g['gen_tokens_per_s']:.1f}"),
+                 (f"{label} bs={bs}: decode tokens/s", f"{g['decode_tokens_per_s']:.1f}"),
+                 (f"{label} bs={bs}: time to first token s", f"{g['ttft_s']:.3f}")]
+    return rows
+
+
+def report(rows, result, json_path=None):
+    """The table on stdout and, with --json, `result` as indented JSON at `json_path` (written atomically)."""
+    print_rows(rows)
+    if json_path:
+        atomic.write_json(json_path, result)

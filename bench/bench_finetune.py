@@ -23,7 +23,7 @@ import torch  # noqa: E402
 from torch.utils.data import BatchSampler, RandomSampler  # noqa: E402
 
 from bench._common import (  # noqa: E402
-    peak_memory_bytes, print_rows, report_memory, run_memory_child, sync, write_json)
+    peak_memory_bytes, report, report_memory, run_memory_child, sync)
 from glm_tune.arguments import DEMO_TRAIN, DataArguments, LoraArguments, ModelArguments  # noqa: E402
 from glm_tune.data import PrefixLMCollator, load_training_data  # noqa: E402
 from glm_tune.loading import load_model, load_tokenizer  # noqa: E402
@@ -179,9 +179,7 @@ def main():
     before = f" (process before loading: {res['baseline_rss_gb']:.2f})" if res["baseline_rss_gb"] else ""
     rows += [("dynamic padding speed-up", f"{res['dynamic_padding_speedup']:.2f}x"),
              (f"peak memory GB ({res['memory_batch']}, {kind})", f"{res['peak_memory_gb']:.2f}{before}")]
-    print_rows(rows)
-    if args.json:
-        write_json(args.json, res)
+    report(rows, res, args.json)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from bench._common import print_rows, write_json  # noqa: E402
+from bench._common import generation_rows, report  # noqa: E402
 from bench.bench_model import DIMS, PRESETS, bench_generate, build_model, make_config  # noqa: E402
 from glm_tune.deepspeed_inference import (  # noqa: E402
     deepspeed_installed, finish_distributed, init_inference, setup_distributed)
@@ -81,20 +81,15 @@ def main():
         if rank == 0:
             print(f"{engine}: {res[engine]}", flush=True)
     if rank == 0:
-        report(res, engines, args)
+        report_results(res, engines, args)
     finish_distributed()
 
 
-def report(res, engines, args):
+def report_results(res, engines, args):
     rows = [(k, res[k]) for k in ("config", "dtype", "device", "ranks", "threads")]
     for engine in engines:
-        for bs, g in res[engine].items():
-            rows += [(f"{engine} bs={bs}: new tokens/s", f"{g['gen_tokens_per_s']:.1f}"),
-                     (f"{engine} bs={bs}: decode tokens/s", f"{g['decode_tokens_per_s']:.1f}"),
-                     (f"{engine} bs={bs}: time to first token s", f"{g['ttft_s']:.3f}")]
-    print_rows(rows)
-    if args.json:
-        write_json(args.json, res)
+        rows += generation_rows(engine, res[engine])
+    report(rows, res, args.json)
 
 
 if __name__ == "__main__":

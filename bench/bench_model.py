@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from bench._common import (  # noqa: E402
-    peak_memory_bytes, print_rows, report_memory, run_memory_child, sync, write_json)
+    generation_rows, peak_memory_bytes, report, report_memory, run_memory_child, sync)
 from configuration_chatglm import ChatGLMConfig  # noqa: E402
 from glm_tune.checkpoint import SMALL_SHAPE  # noqa: E402
 from glm_tune.runtime import parse_dtype  # noqa: E402
@@ -166,7 +166,7 @@ def resolve(args):
     return device, parse_dtype(args.dtype, device)
 
 
-def print_table(res):
+def table_rows(res):
     shape = "h{hidden_size} L{num_layers} heads{num_attention_heads} ffn{inner_hidden_size} V{vocab_size}"
     rows = [(k, res[k]) for k in ("config", "dtype", "device", "threads")] + [("shape", shape.format(**res["shape"]))]
     if "train_tokens_per_s" in res:
@@ -176,11 +176,8 @@ def print_table(res):
         note = f" (process before the model: {res['baseline_rss_gb']:.2f})" if res["baseline_rss_gb"] else ""
         label = f"peak memory GB ({res['memory_batch']}, {res['memory_kind']})"
         rows.append((label, f"{res['peak_memory_gb']:.2f}{note}"))
-    for bs, g in res.get("generate", {}).items():
-        rows += [(f"generate bs={bs}: new tokens/s", f"{g['gen_tokens_per_s']:.1f}"),
-                 (f"generate bs={bs}: decode tokens/s", f"{g['decode_tokens_per_s']:.1f}"),
-                 (f"generate bs={bs}: time to first token s", f"{g['ttft_s']:.3f}")]
-    print_rows(rows)
+    rows += generation_rows("generate", res.get("generate", {}))
+    return rows
 
 
 def main():
@@ -237,9 +234,7 @@ def main():
         if args.train:
             res.update(bench_train(model, config, args, device), train_batch=f"{args.seq_len}x{args.batch_size}")
             print(f"train: {res['train_tokens_per_s']:.1f} tokens/s", flush=True)
-    print_table(res)
-    if args.json:
-        write_json(args.json, res)
+    report(table_rows(res), res, args.json)
 
 
 if __name__ == "__main__":

@@ -18,10 +18,28 @@ def atomic_path(path):
     os.close(fd)
     try:
         yield Path(tmp)
+        _fsync(tmp)  # on disk before it takes the name: a crash leaves the old file or the whole new one
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _fsync(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def append_bytes(path, data):
+    """Add `data` to the end of `path` with one write, on disk before returning. A reader sees whole appends, or after
+    a crash mid-write a torn last one (the appenders' readers cut or skip it)."""
+    with open(path, "ab") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 @contextmanager

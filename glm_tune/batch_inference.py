@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from glm_tune.atomic import write_bytes
-from glm_tune.data import CONTROL_TEXT, DataError, json_type, parse_rows
+from glm_tune.atomic import append_bytes, write_bytes
+from glm_tune.data import DataError, json_type, parse_rows, text_field
 from glm_tune.errors import UserError
 from glm_tune.generation import generate_batch
 
@@ -134,18 +134,12 @@ def _text_field(row, name, where):
     if name not in row:
         raise UserError(f"{where}: no field '{name}' (fields: {', '.join(map(str, row)) or 'none'}; choose one with "
                         "--column)")
-    value = row[name]
-    if not isinstance(value, str):
-        raise UserError(f"{where}: field '{name}' must be a string, got {json_type(value)}")
+    try:
+        value = text_field(row, name)  # a string, valid UTF-8, no control tokens: what training data must be too
+    except DataError as err:
+        raise UserError(f"{where}: {err}") from None
     if not value.strip():
         raise UserError(f"{where}: field '{name}' is empty")
-    try:
-        value.encode("utf-8")  # undecodable bytes arrive as lone surrogates
-    except UnicodeEncodeError:
-        raise UserError(f"{where}: field '{name}' is not valid UTF-8 text") from None
-    control = next((token for token in CONTROL_TEXT if token in value), None)
-    if control:
-        raise UserError(f"{where}: field '{name}' contains ChatGLM's control token '{control}'")
     return value
 
 
@@ -282,10 +276,7 @@ class ResultFile:
 
     def append(self, rows):
         """Rows (dicts with self.fields) added with one write, flushed to disk before returning."""
-        with open(self.path, "ab") as handle:
-            handle.write(self._encode(rows))
-            handle.flush()
-            os.fsync(handle.fileno())
+        append_bytes(self.path, self._encode(rows))
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -83,7 +83,7 @@ def json_type(value):
     return names.get(type(value), "a number")
 
 
-def _text(record, name, label=None, optional=False):
+def text_field(record, name, label=None, optional=False):
     """record[name] as a string, or DataError naming the field (`label` when it sits inside a conversation)."""
     label = label or name
     value = record.get(name)
@@ -125,8 +125,8 @@ def _render_conversation(record):
             raise DataError(f"{where} must be an object, got {json_type(turn)}", "wrong type")
         role_key = "from" if "from" in turn or "role" not in turn else "role"
         text_key = "value" if "value" in turn or "content" not in turn else "content"
-        role = _text(turn, role_key, f"{where}.{role_key}").strip().lower()
-        text = _text(turn, text_key, f"{where}.{text_key}")
+        role = text_field(turn, role_key, f"{where}.{role_key}").strip().lower()
+        text = text_field(turn, text_key, f"{where}.{text_key}")
         if role == "system" and i == 0:
             system = text
         elif role in _USER_ROLES and user is None:
@@ -158,13 +158,13 @@ def render_example(record, fmt):
     Raises DataError (without a location: the caller knows it) for a row that cannot be used.
     """
     if fmt == "alpaca":
-        instruction = _text(record, "instruction")
-        extra = _text(record, "input", optional=True)
-        target, label = _text(record, "output"), "output"
+        instruction = text_field(record, "instruction")
+        extra = text_field(record, "input", optional=True)
+        target, label = text_field(record, "output"), "output"
         prompt = f"Instruction: {instruction}\n" + (f"Input: {extra}\n" if extra.strip() else "") + "Answer: "
     elif fmt in _PROMPT_TARGET_FIELDS:
         prompt_field, label = _PROMPT_TARGET_FIELDS[fmt]
-        prompt, target = _text(record, prompt_field), _text(record, label)
+        prompt, target = text_field(record, prompt_field), text_field(record, label)
     elif fmt == "conversations":
         prompt, target, label = _render_conversation(record)
     else:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from glm_tune.atomic import atomic_path
+from glm_tune.atomic import append_bytes, write_bytes
 from glm_tune.data import render_example
 from glm_tune.errors import UserError
 
@@ -80,11 +80,7 @@ class JsonlTable:
         return lines
 
     def _rewrite(self, lines):
-        with atomic_path(self.path) as tmp, open(tmp, "wb") as out:
-            for raw, row in lines:
-                out.write((raw if row is None else _encode(row)) + b"\n")
-            out.flush()
-            os.fsync(out.fileno())
+        write_bytes(self.path, b"".join((raw if row is None else _encode(row)) + b"\n" for raw, row in lines))
 
     def rows(self):
         """Every valid row, in file order."""
@@ -97,15 +93,13 @@ class JsonlTable:
         """Add `row` (an "id" is given to it when it has none); returns the row as written."""
         row = {"id": new_id(), **row}
         line = _encode(row) + b"\n"
-        with self._locked(), open(self.path, "ab+") as out:
-            out.seek(0, os.SEEK_END)
-            if out.tell():  # a writer that died mid-line left no newline: keep its fragment on a line of its own
-                out.seek(-1, os.SEEK_END)
-                if out.read(1) != b"\n":
-                    line = b"\n" + line
-            out.write(line)
-            out.flush()
-            os.fsync(out.fileno())
+        with self._locked():
+            if self.path.exists() and self.path.stat().st_size:
+                with open(self.path, "rb") as last:
+                    last.seek(-1, os.SEEK_END)
+                    if last.read(1) != b"\n":  # a writer that died mid-line: keep its fragment on a line of its own
+                        line = b"\n" + line
+            append_bytes(self.path, line)
         return row
 
     def update(self, row_id, changes, prepare=None):
