@@ -1,18 +1,28 @@
 """Choices that depend on the machine: which dtype is fast here, and where to run."""
 
-import functools
+import os
 from pathlib import Path
 
 import torch
 
+# "1" / "0" forces the fast-bf16 decision either way, so tests exercise both branches on any CPU (a tiny model trains
+# through the bf16 branch even where bf16 is emulated).
+FAST_BF16_ENV = "GLM_TUNE_FAST_BF16"
 
-@functools.cache
+
 def cpu_has_fast_bf16():
-    """True on CPUs with native bf16 matrix instructions (AMX or AVX512-BF16).
+    """True on CPUs with native bf16 matrix instructions (AMX or AVX512-BF16), or as GLM_TUNE_FAST_BF16 says.
 
     Without them PyTorch emulates bf16/fp16 matmuls and they run ~100x slower than fp32 (measured on an AVX2-only
     EPYC: 0.9 GFLOP/s bf16 vs 86 GFLOP/s fp32), so fp32 is the right default there.
     """
+    forced = os.environ.get(FAST_BF16_ENV, "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    return _cpu_flags_have_bf16()
+
+
+def _cpu_flags_have_bf16():
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -30,6 +40,7 @@ def default_dtype(device=None):
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
+DTYPE_CHOICES = ["auto", "fp32", "bf16", "fp16"]
 
 
 def parse_dtype(name, device=None):
