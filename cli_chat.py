@@ -12,6 +12,7 @@ import sys
 
 import torch
 
+from glm_tune.arguments import add_model_arguments, add_sampling_arguments
 from glm_tune.errors import exit_on_user_error
 from glm_tune.loading import load_model_and_tokenizer
 
@@ -23,17 +24,8 @@ _MAY_STILL_CHANGE = tuple(",!:;?")
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model_name_or_path", default=None, help="base checkpoint folder (default: embedded model)")
-    parser.add_argument("--lora_path", default=None,
-                        help="adapter: a finetune.py output folder, a PEFT adapter folder or a chatglm-lora.pt")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                        help="weights dtype: auto = bf16 on GPUs and AMX CPUs, else fp32")
-    parser.add_argument("--max_length", type=int, default=2048, help="most tokens of prompt (history included) plus "
-                                                                     "answer (default: %(default)s)")
-    parser.add_argument("--do_sample", action=argparse.BooleanOptionalAction, default=True,
-                        help="sample, like the official chat() (default); --no-do_sample: greedy")
-    parser.add_argument("--temperature", type=float, default=0.95, help="sampling temperature (default: %(default)s)")
-    parser.add_argument("--top_p", type=float, default=0.7, help="nucleus sampling mass (default: %(default)s)")
+    add_model_arguments(parser)
+    add_sampling_arguments(parser, do_sample=True, max_length=True)
     return parser.parse_args(argv)
 
 
@@ -56,7 +48,7 @@ def main(argv=None, stdin=None, out=None):
     args = parse_args(argv)
     stdin, out = stdin or sys.stdin, out or sys.stdout
     model, tokenizer = load_model_and_tokenizer(args.model_name_or_path, args.lora_path, args.dtype,
-                                                merge_adapter=True)
+                                                merge_adapter=True, revision=args.revision)
     if torch.cuda.is_available():
         model = model.cuda()
     generation = dict(max_length=args.max_length, do_sample=args.do_sample, temperature=args.temperature,

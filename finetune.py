@@ -12,14 +12,15 @@ loss_curve.png. `--resume_from_checkpoint latest` (or a checkpoint folder) conti
 """
 
 import torch
-from transformers import Trainer, TrainerCallback, set_seed
+from transformers import Trainer, TrainerCallback
 
 from glm_tune.arguments import parse_training_args
 from glm_tune.data import PrefixLMCollator, load_train_and_eval
 from glm_tune.errors import exit_on_user_error
-from glm_tune.loading import load_model, load_tokenizer
-from glm_tune.lora import SEED_FILE, add_lora, load_lora_pt, save_lora_pt
-from glm_tune.plotting import plot_loss_curve
+from glm_tune.loading import load_tokenizer
+from glm_tune.locking import hold_output_lock
+from glm_tune.lora import lora_state_dict
+from glm_tune.training import load_lora_model, write_run_outputs
 
 
 class ClearCacheCallback(TrainerCallback):
@@ -39,37 +40,29 @@ class ClearCacheCallback(TrainerCallback):
 @exit_on_user_error
 def main(argv=None):
     model_args, data_args, lora_args, train_args = parse_training_args(argv, __doc__.split("\n\n")[0])
-    tokenizer = load_tokenizer(model_args.model_name_or_path)
-    model = load_model(model_args.model_name_or_path, model_args.dtype)
-    model.config.use_cache = False  # no KV cache while training
-    set_seed(train_args.seed)  # before the adapters are created: their initial values must repeat too
-    model = add_lora(model, lora_args.lora_rank, lora_args.lora_alpha, lora_args.lora_dropout, lora_args.lora_target)
-    if lora_args.is_resume:
-        print(f"loaded {load_lora_pt(model, lora_args.resume_path)} LoRA tensors from {lora_args.resume_path}")
-    model.print_trainable_parameters()
+    tokenizer = load_tokenizer(model_args.model_name_or_path, model_args.revision)
+    main_process = train_args.process_index == 0
+    # One run per output_dir: a second launch on it stops, naming this one (after the process group is up, so that
+    # under torchrun rank 0 alone holds it and a refusal stops every rank).
+    with hold_output_lock(train_args.output_dir, "--output_dir"):
+        model = load_lora_model(model_args, lora_args, train_args, log=print if main_process else None)
 
-    train_dataset, eval_dataset = load_train_and_eval(data_args, tokenizer,
-                                                      log=print if train_args.process_index == 0 else None)
-    trainer = Trainer(
-        model=model,
-        args=train_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        data_collator=PrefixLMCollator(tokenizer, pad_to_multiple_of=data_args.pad_to_multiple_of),
-        callbacks=[ClearCacheCallback()] if torch.cuda.is_available() else None,
-    )
-    trainer.train(resume_from_checkpoint=train_args.resume_from_checkpoint)
+        train_dataset, eval_dataset = load_train_and_eval(data_args, tokenizer, log=print if main_process else None)
+        trainer = Trainer(
+            model=model,
+            args=train_args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            data_collator=PrefixLMCollator(tokenizer, pad_to_multiple_of=data_args.pad_to_multiple_of),
+            callbacks=[ClearCacheCallback()] if torch.cuda.is_available() else None,
+        )
+        trainer.train(resume_from_checkpoint=train_args.resume_from_checkpoint)
 
-    out = train_args.output_dir
-    trainer.save_model(out)  # the PEFT adapter (main process only)
-    trainer.save_state()
-    if trainer.is_world_process_zero():
-        save_lora_pt(model, f"{out}/{SEED_FILE}")
-        tokenizer.save_pretrained(out)
-        plot = plot_loss_curve(trainer.state.log_history, f"{out}/loss_curve.png")
-        base = f" --model_name_or_path {model_args.model_name_or_path}" if model_args.model_name_or_path else ""
-        print(f"saved the adapter to {out}/ (loss curve: {plot})")
-        print(f"try it: python inference.py --lora_path {out}{base}")
+        trainer.save_model(train_args.output_dir)  # the PEFT adapter (main process only)
+        trainer.save_state()
+        if trainer.is_world_process_zero():
+            write_run_outputs(train_args.output_dir, lora_state_dict(model), tokenizer, trainer.state.log_history,
+                              model_args)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ rows carry answers, the exact-match accuracy is printed.
 
 import argparse
 
-from glm_tune.arguments import DEMO_TEST
+from glm_tune.arguments import DEMO_TEST, add_model_arguments
 from glm_tune.data import read_records
 from glm_tune.errors import exit_on_user_error
 from glm_tune.generation import generate_answers
@@ -19,23 +19,21 @@ from glm_tune.loading import load_model_and_tokenizer
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model_name_or_path", default=None, help="base checkpoint folder (default: embedded model)")
-    parser.add_argument("--lora_path", default=None,
-                        help="adapter: a finetune.py output folder, a PEFT adapter folder or a chatglm-lora.pt")
+    add_model_arguments(parser)
     parser.add_argument("--prompt", action="append", default=[], help="a raw prompt (repeatable); used as is")
     parser.add_argument("--input_file", default=None,
                         help=f"JSON/JSONL rows in a training format (default without --prompt: {DEMO_TEST.name} of "
                              "the demo data)")
     parser.add_argument("--max_new_tokens", type=int, default=64, help="most tokens per answer")
     parser.add_argument("--batch_size", type=int, default=16, help="prompts per generate() call")
-    parser.add_argument("--dtype", default="auto", help="auto, fp32, bf16 or fp16")
     return parser.parse_args(argv)
 
 
 @exit_on_user_error
 def main(argv=None):
     args = parse_args(argv)
-    model, tokenizer = load_model_and_tokenizer(args.model_name_or_path, args.lora_path, args.dtype)
+    model, tokenizer = load_model_and_tokenizer(args.model_name_or_path, args.lora_path, args.dtype,
+                                                revision=args.revision)
     if args.prompt:
         pairs = [(p, None) for p in args.prompt]
     else:

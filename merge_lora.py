@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 from configuration_chatglm import ChatGLMConfig
+from glm_tune.arguments import add_model_arguments
 from glm_tune.atomic import atomic_dir
 from glm_tune.checkpoint import AUTO_MAP, CODE_FILES, REPO_ROOT
 from glm_tune.errors import UserError, exit_on_user_error
@@ -22,15 +23,11 @@ from glm_tune.loading import load_model_and_tokenizer, resolve_model_path
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model_name_or_path", default=None,
-                        help="base checkpoint folder (default: the embedded small model)")
-    parser.add_argument("--lora_path", default="output",
-                        help="adapter: a finetune.py output folder, a PEFT adapter folder or a chatglm-lora.pt "
-                             "(default: %(default)s)")
+    add_model_arguments(parser, lora_default="output", dtype_choices=["checkpoint", "fp32", "bf16", "fp16"],
+                        dtype_help="dtype of the written weights: checkpoint = the base folder's own (fp16 for "
+                                   "chatglm-6b)")
     parser.add_argument("--output_dir", default="output/merged", help="the new checkpoint folder (default: "
                                                                       "%(default)s)")
-    parser.add_argument("--dtype", default="checkpoint", choices=["checkpoint", "fp32", "bf16", "fp16"],
-                        help="dtype of the written weights: checkpoint = the base folder's own (fp16 for chatglm-6b)")
     parser.add_argument("--max_shard_size", default="2GB", help="largest safetensors file (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output_dir")
     return parser.parse_args(argv)
@@ -61,7 +58,7 @@ def main(argv=None):
     args = parse_args(argv)
     if not Path(args.lora_path).exists():
         raise UserError(f"--lora_path {args.lora_path}: no such file or folder")
-    base = resolve_model_path(args.model_name_or_path)
+    base = resolve_model_path(args.model_name_or_path, args.revision)
     output_dir = Path(args.output_dir)
     check_output_dir(output_dir, base, args.lora_path, args.overwrite)
     dtype = ChatGLMConfig.from_pretrained(base).dtype if args.dtype == "checkpoint" else args.dtype

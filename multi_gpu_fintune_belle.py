@@ -24,11 +24,9 @@ process writes files and prints.
 """
 
 import contextlib
-import json
 import math
-import os
-import shutil
 import time
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
@@ -36,40 +34,29 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import (DataLoaderConfiguration, DistributedDataParallelKwargs, DistributedType, DummyOptim,
-                              DummyScheduler, InitProcessGroupKwargs)
-from safetensors.torch import load_file
+from accelerate.utils import (DataLoaderConfiguration, DistributedDataParallelKwargs, DummyOptim, DummyScheduler,
+                              InitProcessGroupKwargs)
 from torch.distributed.elastic.multiprocessing.errors import record
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import get_scheduler, set_seed
+from transformers import get_scheduler
 
+from configuration_chatglm import ChatGLMConfig
+from glm_tune.accelerate_checkpoint import (STATE_FILE, drop_frozen_weights, is_deepspeed, load_checkpoint,
+                                            save_adapter, save_checkpoint)
 from glm_tune.arguments import parse_training_args
 from glm_tune.atomic import write_json
 from glm_tune.data import PrefixLMCollator, load_train_and_eval
 from glm_tune.errors import UserError, exit_on_user_error
-from glm_tune.loading import load_model, load_tokenizer, resolve_model_path
-from glm_tune.lora import SEED_FILE, add_lora, load_lora_pt, save_lora_pt
+from glm_tune.loading import load_tokenizer, resolve_model_path
+from glm_tune.locking import hold_output_lock
 from glm_tune.memory import MemoryTracker
-from glm_tune.plotting import plot_loss_curve
-from configuration_chatglm import ChatGLMConfig
-
-STATE_FILE = "training_state.json"
+from glm_tune.training import load_lora_model, write_run_outputs
 
 
 # -- setup ------------------------------------------------------------------------------------------------------------
 
-def mixed_precision(args):
-    """'fp16' | 'bf16' | 'no': the flags, else an `accelerate launch` config's mixed_precision; fp16 needs CUDA."""
-    wanted = "fp16" if args.fp16 else "bf16" if args.bf16 else os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
-    if wanted == "fp16" and not torch.cuda.is_available():
-        if int(os.environ.get("RANK", "0")) == 0:
-            print("note: mixed_precision fp16 needs a CUDA GPU; training on this CPU in fp32", flush=True)
-        return "no"
-    return wanted
-
-
-def deepspeed_plugin(args, precision):
+def deepspeed_plugin(args):
     """The DeepSpeed plugin of --deepspeed (a config file, "auto" values filled from the flags by transformers) or of
     an `accelerate launch` DeepSpeed config; None without DeepSpeed."""
     plugin = args.deepspeed_plugin  # TrainingArguments builds it for either source
@@ -77,7 +64,7 @@ def deepspeed_plugin(args, precision):
         return None
     config = plugin.deepspeed_config
     for key in ("fp16", "bf16"):  # what the run actually uses, whatever the file says (fp16 cannot run on a CPU)
-        config.setdefault(key, {})["enabled"] = precision == key
+        config.setdefault(key, {})["enabled"] = args.mixed_precision == key
     where = args.deepspeed or "the accelerate config's deepspeed_config"
     accumulation = config.get("gradient_accumulation_steps", "auto")
     if accumulation == "auto":
@@ -97,10 +84,10 @@ def trackers(report_to):
 
 
 def build_accelerator(args):
-    precision = mixed_precision(args)
-    plugin = deepspeed_plugin(args, precision)
+    """The Accelerator of the run; args.mixed_precision is already what this machine can do (parse_training_args)."""
+    plugin = deepspeed_plugin(args)
     return Accelerator(
-        mixed_precision=precision,
+        mixed_precision=args.mixed_precision,
         deepspeed_plugin=plugin,
         # what backward() divides the loss by; the windows themselves are cut by train_window's caller
         gradient_accumulation_steps=plugin.gradient_accumulation_steps if plugin else args.gradient_accumulation_steps,
@@ -111,21 +98,6 @@ def build_accelerator(args):
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=args.ddp_timeout)),
                          DistributedDataParallelKwargs(find_unused_parameters=bool(args.ddp_find_unused_parameters))],
     )
-
-
-def load_lora_model(model_args, lora_args, args, accelerator):
-    model = load_model(model_args.model_name_or_path, model_args.dtype)  # under ZeRO-3: partitioned while loading
-    model.config.use_cache = False
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    set_seed(args.seed)  # before the adapters are made: their initial values repeat
-    model = add_lora(model, lora_args.lora_rank, lora_args.lora_alpha, lora_args.lora_dropout, lora_args.lora_target)
-    if lora_args.is_resume:
-        accelerator.print(f"loaded {load_lora_pt(model, lora_args.resume_path)} LoRA tensors from "
-                          f"{lora_args.resume_path}")
-    if accelerator.is_main_process:
-        model.print_trainable_parameters()
-    return model
 
 
 def optimizer_and_schedule(model, args, ds_config, total_steps):
@@ -145,84 +117,87 @@ def optimizer_and_schedule(model, args, ds_config, total_steps):
     return optimizer, scheduler
 
 
-# -- saving -----------------------------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """Everything the loop works with, and where it stands (what a checkpoint's training_state.json records)."""
 
-def trainable_state(model, accelerator):
-    """The LoRA tensors on the CPU, whole on every process: under ZeRO-3 each is gathered from its partitions."""
-    model = accelerator.unwrap_model(model)
-    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    gather = contextlib.nullcontext()
-    if accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3:
-        import deepspeed
+    args: object
+    accelerator: Accelerator
+    model: object
+    optimizer: object
+    scheduler: object
+    train_dl: DataLoader
+    eval_dl: DataLoader | None
+    train_rows: int
+    batches_per_process: int
+    total_steps: int
+    epochs: int
+    own_schedule: bool  # False when a DeepSpeed config's scheduler steps inside DeepSpeed
+    step: int = 0
+    epoch: int = 0
+    batches_done: int = 0
+    log_history: list = field(default_factory=list)
 
-        gather = deepspeed.zero.GatheredParameters([p for _, p in named])
-    with gather:
-        return {name: p.detach().to("cpu").clone() for name, p in named}
+    def training_state(self):
+        return {"global_step": self.step, "epoch": self.epoch, "batches_done": self.batches_done,
+                "train_rows": self.train_rows, "total_steps": self.total_steps, "log_history": self.log_history}
 
-
-def save_adapter(model, accelerator, folder):
-    """adapter_config.json + adapter_model.safetensors + chatglm-lora.pt into `folder` (collective; main writes)."""
-    state = trainable_state(model, accelerator)
-    if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(folder, state_dict=state)
-        save_lora_pt(None, Path(folder) / SEED_FILE, state_dict=state)
-
-
-def drop_frozen_weights(models, weights, output_dir):
-    """save_state hook: checkpoints keep the trainable tensors only, not a copy of the frozen base model."""
-    for i, model in enumerate(models):
-        trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-        weights[i] = {k: v for k, v in weights[i].items() if k in trainable}
-
-
-def save_checkpoint(model, accelerator, args, step, training_state):
-    """output_dir/checkpoint-<step>, complete or absent: written as checkpoint-<step>.partial, then renamed."""
-    out = Path(args.output_dir)
-    final, partial = out / f"checkpoint-{step}", out / f"checkpoint-{step}.partial"
-    if accelerator.is_main_process:
-        shutil.rmtree(partial, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        accelerator.save_state(partial, exclude_frozen_parameters=True)
-    else:
-        accelerator.save_state(partial)
-    save_adapter(model, accelerator, partial)
-    if accelerator.is_main_process:
-        write_json(partial / STATE_FILE, training_state)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(partial, final)
-        rotate_checkpoints(out, args.save_total_limit)
-    accelerator.wait_for_everyone()
-    return final
+    def log(self, entry):
+        entry = {**entry, "step": self.step,
+                 "epoch": round(self.epoch + self.batches_done / max(self.batches_per_process, 1), 4)}
+        self.log_history.append(entry)
+        self.accelerator.log({k: v for k, v in entry.items() if k != "step"}, step=self.step)
+        if self.accelerator.is_main_process:
+            tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items()))
 
 
-def rotate_checkpoints(out, limit):
-    if not limit:
-        return
-    done = sorted((int(p.name.split("-")[1]), p) for p in out.glob("checkpoint-*") if p.name.split("-")[1].isdigit())
-    for _, folder in done[:-limit]:
-        shutil.rmtree(folder)
+def setup(model_args, data_args, lora_args, args, accelerator, tokenizer):
+    """Data, model with adapters, optimizer and schedule, all prepared; resumed when asked."""
+    with accelerator.main_process_first():  # one process tokenizes first; with a saved dataset the rest reuse it
+        train_set, eval_set = load_train_and_eval(data_args, tokenizer,
+                                                  log=print if accelerator.is_main_process else None)
+    collator = PrefixLMCollator(tokenizer, pad_to_multiple_of=data_args.pad_to_multiple_of)
+    train_dl = DataLoader(train_set, batch_size=args.per_device_train_batch_size, shuffle=True, collate_fn=collator,
+                          num_workers=args.dataloader_num_workers, drop_last=args.dataloader_drop_last)
+    eval_dl = eval_set and DataLoader(eval_set, batch_size=args.per_device_eval_batch_size, collate_fn=collator)
 
+    # steps from the per-process batch count (what accelerator.prepare will shard to)
+    ds = is_deepspeed(accelerator)
+    ds_config = accelerator.state.deepspeed_plugin.deepspeed_config if ds else {}
+    accumulation = accelerator.gradient_accumulation_steps
+    batches_per_process = math.ceil(len(train_dl) / accelerator.num_processes)
+    updates_per_epoch = math.ceil(batches_per_process / accumulation)
+    total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * updates_per_epoch)
+    epochs = math.ceil(total_steps / updates_per_epoch)
+    if args.deepspeed:  # fill the config's remaining "auto" values (bucket sizes, schedule length), as Trainer does
+        folder = resolve_model_path(model_args.model_name_or_path, model_args.revision)
+        config = ChatGLMConfig.from_pretrained(str(folder))
+        args.hf_deepspeed_config.trainer_config_finalize(args, SimpleNamespace(config=config), total_steps)
 
-def load_checkpoint(model, accelerator, folder, rows):
-    folder = Path(folder)
-    if not (folder / STATE_FILE).is_file():
-        raise UserError(f"--resume_from_checkpoint {folder}: no {STATE_FILE} there (not a checkpoint of this script)")
-    state = json.loads((folder / STATE_FILE).read_text())
-    if state["train_rows"] != rows:
-        raise UserError(f"{folder}/{STATE_FILE}: the run had {state['train_rows']} training rows, this data has "
-                        f"{rows}; resume with the same --dataset_path")
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        accelerator.load_state(folder, load_module_strict=False)
-    else:
-        accelerator.load_state(folder, strict=False)
-    # the adapter written beside the state must be what was restored (a wrong folder fails here, not silently)
-    restored = {name.replace(".default", ""): t for name, t in trainable_state(model, accelerator).items()}
-    for name, tensor in load_file(folder / "adapter_model.safetensors").items():
-        if name not in restored or not torch.equal(restored[name].to(tensor.dtype), tensor):
-            raise UserError(f"{folder}: restored LoRA tensor {name} differs from the checkpoint's adapter (another "
-                            "--lora_rank / --lora_target?)")
-    return state
+    model = load_lora_model(model_args, lora_args, args, log=accelerator.print if accelerator.is_main_process else None)
+    optimizer, scheduler = optimizer_and_schedule(model, args, ds_config, total_steps)
+    prepared = accelerator.prepare(model, optimizer, train_dl, scheduler, *([eval_dl] if eval_dl else []))
+    model, optimizer, train_dl, scheduler = prepared[:4]
+    assert len(train_dl) == batches_per_process, (len(train_dl), batches_per_process)
+    if not ds:
+        accelerator.register_save_state_pre_hook(drop_frozen_weights)
+    run = Run(args, accelerator, model, optimizer, scheduler, train_dl, prepared[4] if eval_dl else None,
+              len(train_set), batches_per_process, total_steps, epochs, own_schedule="scheduler" not in ds_config)
+
+    if args.resume_from_checkpoint:
+        state = load_checkpoint(model, accelerator, args.resume_from_checkpoint, len(train_set))
+        run.step, run.epoch, run.batches_done, run.log_history = (state["global_step"], state["epoch"],
+                                                                  state["batches_done"], state["log_history"])
+        accelerator.print(f"resumed from {args.resume_from_checkpoint}: step {run.step}, epoch {run.epoch}, "
+                          f"{run.batches_done} batches into it")
+    hparams = {k: v for k, v in {**vars(model_args), **vars(data_args), **vars(lora_args),
+                                 **args.to_sanitized_dict()}.items() if isinstance(v, (int, float, str, bool))}
+    accelerator.init_trackers("glm-tune", config=hparams)  # the trackers live on the main process
+    accelerator.print(f"{len(train_set)} rows, {accelerator.num_processes} process(es) x batch "
+                      f"{args.per_device_train_batch_size} x accumulation {accumulation}: {updates_per_epoch} steps "
+                      f"an epoch, {total_steps} steps, {epochs} epoch(s)"
+                      + (f", DeepSpeed ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}" if ds else ""))
+    return run
 
 
 # -- the loop ---------------------------------------------------------------------------------------------------------
@@ -284,135 +259,100 @@ def evaluate(model, dataloader, accelerator):
     return (torch.stack(sums).sum() / torch.stack(counts).sum()).item()
 
 
+def run_eval(run):
+    if run.eval_dl is not None:
+        loss = evaluate(run.model, run.eval_dl, run.accelerator)
+        run.log({"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50))})
+
+
+def optimizer_step(run, window, trainable):
+    """One optimizer step over a window of micro-batches: (mean token loss, labelled tokens, real tokens, grad norm)."""
+    args = run.args
+    loss, tokens, real = train_window(run.model, window, run.accelerator)
+    grad_norm = run.accelerator.clip_grad_norm_(trainable, args.max_grad_norm) if args.max_grad_norm else None
+    run.optimizer.step()
+    if run.own_schedule:
+        run.scheduler.step()
+    run.optimizer.zero_grad()
+    run.step, run.batches_done = run.step + 1, run.batches_done + len(window)
+    return loss, tokens, real, grad_norm
+
+
+def train(run):
+    """Epochs of optimizer steps, with logging, evaluation and checkpoints as the flags ask."""
+    args, accelerator = run.args, run.accelerator
+    trainable = [p for p in run.model.parameters() if p.requires_grad]
+    run.model.train()
+    bar = tqdm(total=run.total_steps, initial=run.step, desc="training",
+               disable=not accelerator.is_main_process or args.disable_tqdm)
+    logged_loss, logged_tokens, logged_real, busy = 0.0, 0, 0, 0.0  # since the last log; busy: seconds training
+    while run.step < run.total_steps and run.epoch < run.epochs:
+        run.train_dl.set_epoch(run.epoch)
+        batches = (accelerator.skip_first_batches(run.train_dl, run.batches_done) if run.batches_done
+                   else run.train_dl)
+        epoch_loss, epoch_tokens = 0.0, 0
+        with MemoryTracker() as memory:
+            for window in windows(batches, accelerator.gradient_accumulation_steps):
+                started = time.perf_counter()
+                loss, tokens, real, grad_norm = optimizer_step(run, window, trainable)
+                busy += time.perf_counter() - started
+                logged_loss, logged_tokens, logged_real = (logged_loss + loss * tokens, logged_tokens + tokens,
+                                                           logged_real + real)
+                epoch_loss, epoch_tokens = epoch_loss + loss * tokens, epoch_tokens + tokens
+                bar.update(1)
+                if run.step % args.logging_steps == 0 or run.step == run.total_steps:
+                    mean = logged_loss / max(logged_tokens, 1)
+                    entry = {"loss": mean, "perplexity": math.exp(min(mean, 50)),
+                             "learning_rate": run.scheduler.get_last_lr()[0], "tokens_per_second": logged_real / busy}
+                    if grad_norm is not None:
+                        entry["grad_norm"] = float(grad_norm)
+                    run.log(entry)
+                    logged_loss, logged_tokens, logged_real, busy = 0.0, 0, 0, 0.0
+                if args.eval_strategy == "steps" and args.eval_steps and run.step % int(args.eval_steps) == 0:
+                    run_eval(run)
+                if args.save_strategy != "no" and args.save_steps and run.step % int(args.save_steps) == 0 \
+                        and run.step < run.total_steps:
+                    save_checkpoint(run.model, accelerator, args.output_dir, run.step, run.training_state(),
+                                    args.save_total_limit)
+                if run.step >= run.total_steps:
+                    break
+        if epoch_tokens and accelerator.is_main_process:
+            mean = epoch_loss / epoch_tokens
+            tqdm.write(f"epoch {run.epoch}: train loss {mean:.4f}, perplexity {math.exp(min(mean, 50)):.4g} | "
+                       f"{memory.report()}")
+        if args.eval_strategy == "epoch":
+            run_eval(run)
+        if run.batches_done >= run.batches_per_process:
+            run.epoch, run.batches_done = run.epoch + 1, 0
+    bar.close()
+    if args.eval_strategy == "no" and run.eval_dl is not None:
+        run_eval(run)
+
+
+def finish(run, tokenizer, model_args):
+    """The last checkpoint, the adapter in output_dir and the run's outputs; then the ranks end together."""
+    args, accelerator = run.args, run.accelerator
+    if args.save_strategy != "no":
+        save_checkpoint(run.model, accelerator, args.output_dir, run.step, run.training_state(), args.save_total_limit)
+    lora_state = save_adapter(run.model, accelerator, args.output_dir, with_seed_file=False)
+    if accelerator.is_main_process:
+        write_json(Path(args.output_dir) / STATE_FILE, run.training_state())
+        write_run_outputs(args.output_dir, lora_state, tokenizer, run.log_history, model_args)
+    accelerator.wait_for_everyone()  # tear the process group down together: a rank leaving early can abort at exit
+    accelerator.end_training()
+
+
 @record
 @exit_on_user_error
 def main(argv=None):
     model_args, data_args, lora_args, args = parse_training_args(argv, __doc__.split("\n\n")[0])
+    tokenizer = load_tokenizer(model_args.model_name_or_path, model_args.revision)
     accelerator = build_accelerator(args)
-    is_main = accelerator.is_main_process
-    out = Path(args.output_dir)
-    tokenizer = load_tokenizer(model_args.model_name_or_path)
-    with accelerator.main_process_first():  # one process tokenizes first; with a saved dataset the rest reuse it
-        train_set, eval_set = load_train_and_eval(data_args, tokenizer, log=print if is_main else None)
-    collator = PrefixLMCollator(tokenizer, pad_to_multiple_of=data_args.pad_to_multiple_of)
-    train_dl = DataLoader(train_set, batch_size=args.per_device_train_batch_size, shuffle=True, collate_fn=collator,
-                          num_workers=args.dataloader_num_workers, drop_last=args.dataloader_drop_last)
-    eval_dl = eval_set and DataLoader(eval_set, batch_size=args.per_device_eval_batch_size, collate_fn=collator)
-
-    # steps from the per-process batch count (what accelerator.prepare will shard to)
-    ds = accelerator.distributed_type == DistributedType.DEEPSPEED
-    ds_config = accelerator.state.deepspeed_plugin.deepspeed_config if ds else {}
-    accumulation = accelerator.gradient_accumulation_steps
-    batches_per_process = math.ceil(len(train_dl) / accelerator.num_processes)
-    updates_per_epoch = math.ceil(batches_per_process / accumulation)
-    total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * updates_per_epoch)
-    epochs = math.ceil(total_steps / updates_per_epoch)
-    if args.deepspeed:  # fill the config's remaining "auto" values (bucket sizes, schedule length), as Trainer does
-        config = ChatGLMConfig.from_pretrained(str(resolve_model_path(model_args.model_name_or_path)))
-        args.hf_deepspeed_config.trainer_config_finalize(args, SimpleNamespace(config=config), total_steps)
-
-    model = load_lora_model(model_args, lora_args, args, accelerator)
-    optimizer, scheduler = optimizer_and_schedule(model, args, ds_config, total_steps)
-    prepared = accelerator.prepare(model, optimizer, train_dl, scheduler, *([eval_dl] if eval_dl else []))
-    model, optimizer, train_dl, scheduler = prepared[:4]
-    eval_dl = prepared[4] if eval_dl else None
-    assert len(train_dl) == batches_per_process, (len(train_dl), batches_per_process)
-    if not ds:
-        accelerator.register_save_state_pre_hook(drop_frozen_weights)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-
-    step, epoch, batches_done, log_history = 0, 0, 0, []
-    if args.resume_from_checkpoint:
-        state = load_checkpoint(model, accelerator, args.resume_from_checkpoint, len(train_set))
-        step, epoch, batches_done, log_history = (state["global_step"], state["epoch"], state["batches_done"],
-                                                  state["log_history"])
-        accelerator.print(f"resumed from {args.resume_from_checkpoint}: step {step}, epoch {epoch}, "
-                          f"{batches_done} batches into it")
-    hparams = {k: v for k, v in {**vars(model_args), **vars(data_args), **vars(lora_args),
-                                 **args.to_sanitized_dict()}.items() if isinstance(v, (int, float, str, bool))}
-    accelerator.init_trackers("glm-tune", config=hparams)  # the trackers live on the main process
-    accelerator.print(f"{len(train_set)} rows, {accelerator.num_processes} process(es) x batch "
-                      f"{args.per_device_train_batch_size} x accumulation {accumulation}: {updates_per_epoch} steps "
-                      f"an epoch, {total_steps} steps, {epochs} epoch(s)"
-                      + (f", DeepSpeed ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}" if ds else ""))
-
-    def training_state():
-        return {"global_step": step, "epoch": epoch, "batches_done": batches_done, "train_rows": len(train_set),
-                "total_steps": total_steps, "log_history": log_history}
-
-    def log(entry):
-        entry = {**entry, "step": step, "epoch": round(epoch + batches_done / max(batches_per_process, 1), 4)}
-        log_history.append(entry)
-        accelerator.log({k: v for k, v in entry.items() if k not in ("step",)}, step=step)
-        if is_main:
-            tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items()))
-
-    def run_eval():
-        if eval_dl is not None:
-            loss = evaluate(model, eval_dl, accelerator)
-            log({"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50))})
-
-    model.train()
-    bar = tqdm(total=total_steps, initial=step, desc="training", disable=not is_main or args.disable_tqdm)
-    logged_loss, logged_tokens, logged_real, busy = 0.0, 0, 0, 0.0  # since the last log; busy: seconds training
-    while step < total_steps and epoch < epochs:
-        train_dl.set_epoch(epoch)
-        batches = accelerator.skip_first_batches(train_dl, batches_done) if batches_done else train_dl
-        epoch_loss, epoch_tokens = 0.0, 0
-        with MemoryTracker() as memory:
-            for window in windows(batches, accumulation):
-                started = time.perf_counter()
-                loss, tokens, real = train_window(model, window, accelerator)
-                grad_norm = accelerator.clip_grad_norm_(trainable, args.max_grad_norm) if args.max_grad_norm else None
-                optimizer.step()
-                if "scheduler" not in ds_config:  # a DeepSpeed config's own schedule steps inside DeepSpeed
-                    scheduler.step()
-                optimizer.zero_grad()
-                busy += time.perf_counter() - started
-                step, batches_done = step + 1, batches_done + len(window)
-                logged_loss, logged_tokens, logged_real = logged_loss + loss * tokens, logged_tokens + tokens, \
-                    logged_real + real
-                epoch_loss, epoch_tokens = epoch_loss + loss * tokens, epoch_tokens + tokens
-                bar.update(1)
-                if step % args.logging_steps == 0 or step == total_steps:
-                    mean = logged_loss / max(logged_tokens, 1)
-                    entry = {"loss": mean, "perplexity": math.exp(min(mean, 50)),
-                             "learning_rate": scheduler.get_last_lr()[0], "tokens_per_second": logged_real / busy}
-                    if grad_norm is not None:
-                        entry["grad_norm"] = float(grad_norm)
-                    log(entry)
-                    logged_loss, logged_tokens, logged_real, busy = 0.0, 0, 0, 0.0
-                if args.eval_strategy == "steps" and args.eval_steps and step % int(args.eval_steps) == 0:
-                    run_eval()
-                if args.save_strategy != "no" and args.save_steps and step % int(args.save_steps) == 0 \
-                        and step < total_steps:
-                    save_checkpoint(model, accelerator, args, step, training_state())
-                if step >= total_steps:
-                    break
-        if epoch_tokens and is_main:
-            mean = epoch_loss / epoch_tokens
-            tqdm.write(f"epoch {epoch}: train loss {mean:.4f}, perplexity {math.exp(min(mean, 50)):.4g} | "
-                       f"{memory.report()}")
-        if args.eval_strategy == "epoch":
-            run_eval()
-        if batches_done >= batches_per_process:
-            epoch, batches_done = epoch + 1, 0
-    bar.close()
-    if args.eval_strategy == "no" and eval_dl is not None:
-        run_eval()
-
-    if args.save_strategy != "no":
-        save_checkpoint(model, accelerator, args, step, training_state())
-    save_adapter(model, accelerator, out)
-    if is_main:
-        tokenizer.save_pretrained(out)
-        write_json(out / STATE_FILE, training_state())
-        plot = plot_loss_curve(log_history, out / "loss_curve.png")
-        base = f" --model_name_or_path {model_args.model_name_or_path}" if model_args.model_name_or_path else ""
-        print(f"saved the adapter to {out}/ (loss curve: {plot})")
-        print(f"try it: python inference.py --lora_path {out}{base}")
-    accelerator.wait_for_everyone()  # tear the process group down together: a rank leaving early can abort at exit
-    accelerator.end_training()
+    # One run per output_dir: a second launch on it stops on every rank, naming this one (rank 0 holds the lock).
+    with hold_output_lock(args.output_dir, "--output_dir"):
+        run = setup(model_args, data_args, lora_args, args, accelerator, tokenizer)
+        train(run)
+        finish(run, tokenizer, model_args)
 
 
 if __name__ == "__main__":

@@ -17,17 +17,16 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
-from torch.utils.data import BatchSampler, RandomSampler  # noqa: E402
+import torch
+from torch.utils.data import BatchSampler, RandomSampler
 
-from bench._common import (  # noqa: E402
+from _common import (
     peak_memory_bytes, report, report_memory, run_memory_child, sync)
-from glm_tune.arguments import DEMO_TRAIN, DataArguments, LoraArguments, ModelArguments  # noqa: E402
-from glm_tune.data import PrefixLMCollator, load_training_data  # noqa: E402
-from glm_tune.loading import load_model, load_tokenizer  # noqa: E402
-from glm_tune.lora import add_lora  # noqa: E402
+from glm_tune.arguments import DEMO_TRAIN, DataArguments, LoraArguments, ModelArguments
+from glm_tune.data import PrefixLMCollator, load_training_data
+from glm_tune.loading import load_model, load_tokenizer
+from glm_tune.lora import add_lora
 
 # Flags that finetune.py has too: their defaults and help come from its dataclasses.
 SHARED = {"model_name_or_path": ModelArguments, "dtype": ModelArguments, "dataset_path": DataArguments,

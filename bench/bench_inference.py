@@ -12,19 +12,16 @@ same weights and rank 0 reports.
 """
 
 import argparse
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
+import torch
 
-from bench._common import generation_rows, report  # noqa: E402
-from bench.bench_model import DIMS, PRESETS, bench_generate, build_model, make_config  # noqa: E402
-from glm_tune.deepspeed_inference import (  # noqa: E402
+from _common import generation_rows, report
+from bench_model import DIMS, PRESETS, bench_generate, build_model, make_config
+from glm_tune.deepspeed_inference import (
     deepspeed_installed, finish_distributed, init_inference, setup_distributed)
-from glm_tune.runtime import parse_dtype  # noqa: E402
+from glm_tune.runtime import parse_dtype
 
 
 def parse_args():

@@ -18,16 +18,15 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
+import torch
 
-from bench._common import (  # noqa: E402
+from _common import (
     generation_rows, peak_memory_bytes, report, report_memory, run_memory_child, sync)
-from configuration_chatglm import ChatGLMConfig  # noqa: E402
-from glm_tune.checkpoint import SMALL_SHAPE  # noqa: E402
-from glm_tune.runtime import parse_dtype  # noqa: E402
-from modeling_chatglm import ChatGLMForConditionalGeneration  # noqa: E402
+from configuration_chatglm import ChatGLMConfig
+from glm_tune.checkpoint import SMALL_SHAPE
+from glm_tune.runtime import parse_dtype
+from modeling_chatglm import ChatGLMForConditionalGeneration
 
 PRESETS = {
     "small": dict(SMALL_SHAPE, vocab_size=4032),

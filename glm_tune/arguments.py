@@ -1,6 +1,8 @@
-"""Command-line arguments shared by the training scripts (parsed with transformers' HfArgumentParser together with
-TrainingArguments), and the embedded demo defaults that a run without --dataset_path uses."""
+"""Command-line flags: the ones several scripts share (model, adapter, dtype, sampling, data format), defined once
+here for argparse and for the training scripts' HfArgumentParser dataclasses; the training scripts' parsing, and the
+embedded demo defaults that a run without --dataset_path uses."""
 
+import argparse
 import dataclasses
 import json
 import os
@@ -13,7 +15,9 @@ from pathlib import Path
 import torch
 import transformers
 
+from glm_tune.data import FORMATS
 from glm_tune.errors import UserError
+from glm_tune.runtime import DTYPE_CHOICES, training_precision
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_TRAIN = REPO_ROOT / "data" / "demo" / "train.jsonl"
@@ -27,13 +31,69 @@ DEMO_ARGS = [
     "--eval_strategy", "steps", "--eval_steps", "400", "--max_seq_length", "64",
 ]
 
+# -- the flags several scripts share ----------------------------------------------------------------------------------
+
+MODEL_HELP = ("ChatGLM-6B checkpoint: a local folder in the official layout, or a Hugging Face repo id such as "
+              "THUDM/chatglm-6b (read from the Hugging Face cache; HF_HUB_OFFLINE=1 never downloads). Default: the "
+              "embedded small demo model (random weights, built on first use)")
+REVISION_HELP = "branch, tag or commit id of a hub --model_name_or_path (default: main)"
+LORA_HELP = "adapter: a finetune.py output folder, a PEFT adapter folder or a chatglm-lora.pt"
+DTYPE_HELP = ("weights dtype: auto = bf16 on GPUs and on CPUs with native bf16 (AMX / AVX512-BF16), else fp32 "
+              "(GLM_TUNE_FAST_BF16=1 or 0 overrides the CPU check)")
+# The official chat() defaults.
+TEMPERATURE, TOP_P, MAX_LENGTH = 0.95, 0.7, 2048
+FORMATS_HELP = ("row format of .json/.jsonl data: auto (taken from the first valid row), alpaca {instruction, input, "
+                "output}, input_target {input, target}, context_target {context, target}, prompt_completion "
+                "{prompt, completion}, conversations {conversations: [{from|role, value|content}]}")
+
+
+def add_model_arguments(parser, lora=True, lora_default=None, dtype_choices=DTYPE_CHOICES, dtype_help=DTYPE_HELP,
+                        repeatable=False):
+    """--model_name_or_path, --revision, --lora_path (unless lora=False) and --dtype (unless dtype_choices=None; the
+    first choice is the default). repeatable=True: the model and adapter flags may be given several times (a list;
+    the web pages offer each)."""
+    many = dict(action="append", default=[]) if repeatable else {}
+    again = "; repeatable" if repeatable else ""
+    parser.add_argument("--model_name_or_path", **(many or dict(default=None)), help=MODEL_HELP + again)
+    parser.add_argument("--revision", default=None, help=REVISION_HELP)
+    if lora:
+        parser.add_argument("--lora_path", **(many or dict(default=lora_default)),
+                            help=LORA_HELP + again + (" (default: %(default)s)" if lora_default else ""))
+    if dtype_choices:
+        parser.add_argument("--dtype", default=dtype_choices[0], choices=dtype_choices, help=dtype_help)
+
+
+def add_sampling_arguments(parser, do_sample=None, max_length=False, extra=False):
+    """--temperature and --top_p; --do_sample (default `do_sample`) unless it is None; --max_length (prompt + answer
+    tokens) when asked; --top_k and --repetition_penalty with extra=True."""
+    if max_length:
+        parser.add_argument("--max_length", type=int, default=MAX_LENGTH,
+                            help="most tokens of prompt (history included) plus answer (default: %(default)s)")
+    if do_sample is not None:
+        parser.add_argument("--do_sample", action=argparse.BooleanOptionalAction, default=do_sample,
+                            help="sample (like the official chat()) or decode greedily (--no-do_sample) "
+                                 "(default: %(default)s)")
+    parser.add_argument("--temperature", type=float, default=TEMPERATURE,
+                        help="sampling temperature (default: %(default)s)")
+    parser.add_argument("--top_p", type=float, default=TOP_P, help="nucleus sampling mass (default: %(default)s)")
+    if extra:
+        parser.add_argument("--top_k", type=int, default=0,
+                            help="sample among the k likeliest tokens; 0 = all (default: %(default)s)")
+        parser.add_argument("--repetition_penalty", type=float, default=1.0,
+                            help="> 1 discourages repeats (default: %(default)s)")
+
+
+def add_format_argument(parser):
+    """--data_format (alias --format): the training rows' format."""
+    parser.add_argument("--data_format", "--format", dest="data_format", default="auto", choices=["auto", *FORMATS],
+                        help=FORMATS_HELP)
+
 
 @dataclass
 class ModelArguments:
-    model_name_or_path: str = field(default=None, metadata={
-        "help": "ChatGLM-6B checkpoint folder (official layout). Default: the embedded small model, built on first use."})
-    dtype: str = field(default="auto", metadata={
-        "help": "weights dtype: auto (bf16 on GPUs and AMX CPUs, else fp32), fp32, bf16 or fp16"})
+    model_name_or_path: str = field(default=None, metadata={"help": MODEL_HELP})
+    revision: str = field(default=None, metadata={"help": REVISION_HELP})
+    dtype: str = field(default="auto", metadata={"help": DTYPE_HELP, "choices": DTYPE_CHOICES})
 
 
 @dataclass
@@ -45,9 +105,8 @@ class DataArguments:
     eval_split: float = field(default=0.0, metadata={
         "help": "fraction of the training rows held out for evaluation when --eval_dataset_path is not given"})
     max_seq_length: int = field(default=512, metadata={"help": "most tokens per row for data tokenized on the fly"})
-    data_format: str = field(default="auto", metadata={
-        "help": "row format of .json/.jsonl data: auto, alpaca, input_target, context_target, prompt_completion, "
-                "conversations"})
+    data_format: str = field(default="auto", metadata={"help": FORMATS_HELP, "aliases": ["--format"],
+                                                       "choices": ["auto", *FORMATS]})
     skip_bad_rows: bool = field(default=False, metadata={"help": "skip unusable rows instead of stopping"})
     skip_overlength: bool = field(default=False, metadata={"help": "drop rows over --max_seq_length instead of "
                                                                    "truncating them"})
@@ -133,8 +192,6 @@ def parse_training_args(argv=None, description=None):
     from transformers import HfArgumentParser
     from transformers.trainer_utils import get_last_checkpoint
 
-    from glm_tune.runtime import cpu_has_fast_bf16
-
     parser = HfArgumentParser((ModelArguments, DataArguments, LoraArguments, TrainingArguments),
                               description=description)
     argv = with_demo_defaults(argv)
@@ -150,12 +207,12 @@ def parse_training_args(argv=None, description=None):
     model_args, data_args, lora_args, train_args = parser.parse_args_into_dataclasses(argv)
     changes = dict(remove_unused_columns=False,  # the collator needs seq_len, which the model does not take
                    label_names=["labels"])
-    if train_args.fp16 and not torch.cuda.is_available():
-        # fp16 autocast needs CUDA. On CPUs: bf16 where the CPU has native bf16 (AMX), else fp32 (documented).
-        fallback = "bf16" if cpu_has_fast_bf16() else "fp32"
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"note: --fp16 needs a CUDA GPU; training on this CPU in {fallback} instead", file=sys.stderr)
-        changes.update(fp16=False, bf16=fallback == "bf16")
+    precision = training_precision(train_args.fp16, train_args.bf16)
+    changes.update(fp16=precision == "fp16", bf16=precision == "bf16")
+    if precision == "bf16" and not torch.cuda.is_available():
+        changes["use_cpu"] = True  # transformers refuses bf16 on a CPU unless told the run is on one
+    if "ACCELERATE_MIXED_PRECISION" in os.environ:  # an `accelerate launch` config's choice, after the fallback
+        os.environ["ACCELERATE_MIXED_PRECISION"] = precision
     if len(train_args.report_to) == 1 and "," in train_args.report_to[0]:  # --report_to tensorboard,wandb
         changes["report_to"] = [name.strip() for name in train_args.report_to[0].split(",")]
     if str(train_args.resume_from_checkpoint).lower() in ("latest", "true"):

@@ -1,6 +1,7 @@
 """Choices that depend on the machine: which dtype is fast here, and where to run."""
 
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -51,3 +52,19 @@ def parse_dtype(name, device=None):
         return DTYPES[name]
     except KeyError:
         raise ValueError(f"unknown dtype {name!r}; choose auto, fp32, bf16 or fp16") from None
+
+
+def training_precision(fp16=False, bf16=False):
+    """The mixed precision a training run uses: 'fp16', 'bf16' or 'no'.
+
+    Asked for with --fp16 / --bf16, else by an `accelerate launch` config (ACCELERATE_MIXED_PRECISION). fp16 needs
+    CUDA: on a CPU it becomes bf16 where the CPU has native bf16, else fp32 ('no'), with a note on stderr from the
+    first process. Both training scripts decide here, so they train alike on every machine."""
+    wanted = "fp16" if fp16 else "bf16" if bf16 else os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if wanted != "fp16" or torch.cuda.is_available():
+        return wanted
+    fallback = "bf16" if cpu_has_fast_bf16() else "no"
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"note: fp16 needs a CUDA GPU; training on this CPU in {'bf16' if fallback == 'bf16' else 'fp32'} "
+              "instead", file=sys.stderr, flush=True)
+    return fallback

@@ -1,15 +1,9 @@
-"""Shared fixtures: the repository root on sys.path, and small official-layout checkpoints built once per session."""
+"""Shared fixtures: small official-layout checkpoints built once per session, an isolated model cache."""
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
-for path in (ROOT, ROOT / "tests"):
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -8,21 +8,14 @@ Evaluate: an instruction and an input -> the answer and the time it took; rate i
 filter, edit, delete and export what was collected (glm_tune/feedback_store.py describes the files).
 """
 
-import sys
-from pathlib import Path
+import json
+from dataclasses import dataclass
 
-ROOT = str(Path(__file__).resolve().parent.parent)
-if ROOT not in sys.path:  # streamlit puts only webui/ on the path (and runs this file again on every interaction)
-    sys.path.insert(0, ROOT)
+import streamlit as st
 
-import json  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-
-import streamlit as st  # noqa: E402
-
-from glm_tune.errors import UserError  # noqa: E402
-from glm_tune.feedback_store import FeedbackStore, to_jsonl, training_prompt  # noqa: E402
-from webui.common import EMBEDDED, page_config, sidebar_model, sidebar_settings, stream_answer  # noqa: E402
+from glm_tune.errors import UserError
+from glm_tune.feedback_store import FeedbackStore, to_jsonl, training_prompt
+from webui.common import EMBEDDED, page_config, sidebar_model, sidebar_settings, stream_answer
 
 RATING = {1: "good", 0: "bad", None: None}  # st.feedback("thumbs"): 1 is thumbs up
 

@@ -4,17 +4,10 @@
     streamlit run webui/web_ui.py -- --model_name_or_path /models/chatglm-6b --lora_path output
 """
 
-import sys
-from pathlib import Path
+import streamlit as st
 
-ROOT = str(Path(__file__).resolve().parent.parent)
-if ROOT not in sys.path:  # streamlit puts only webui/ on the path (and runs this file again on every interaction)
-    sys.path.insert(0, ROOT)
-
-import streamlit as st  # noqa: E402
-
-from glm_tune.errors import UserError  # noqa: E402
-from webui.common import page_config, sidebar_model, sidebar_settings, stream_answer  # noqa: E402
+from glm_tune.errors import UserError
+from webui.common import page_config, sidebar_model, sidebar_settings, stream_answer
 
 config = page_config("ChatGLM chat", "web_ui.py")
 st.title("ChatGLM chat")

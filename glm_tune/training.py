@@ -1,0 +1,41 @@
+"""What both training scripts do around their loops: the base model with LoRA adapters at the start, and the outputs
+a run leaves at the end (adapter, chatglm-lora.pt, tokenizer, loss plot, the line that says how to try it)."""
+
+from pathlib import Path
+
+from transformers import set_seed
+
+from glm_tune.loading import load_model
+from glm_tune.lora import SEED_FILE, add_lora, load_lora_pt, save_lora_pt
+from glm_tune.plotting import plot_loss_curve
+
+
+def load_lora_model(model_args, lora_args, train_args, log=print):
+    """The base model (under ZeRO-3 partitioned while it loads) with fresh LoRA adapters, or the seed's
+    --is_resume --resume_path adapter; set up for training (no KV cache, gradient checkpointing when asked)."""
+    model = load_model(model_args.model_name_or_path, model_args.dtype, revision=model_args.revision)
+    model.config.use_cache = False
+    if train_args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    set_seed(train_args.seed)  # before the adapters are made: their initial values repeat
+    model = add_lora(model, lora_args.lora_rank, lora_args.lora_alpha, lora_args.lora_dropout, lora_args.lora_target)
+    if lora_args.is_resume:
+        loaded = load_lora_pt(model, lora_args.resume_path)
+        if log:
+            log(f"loaded {loaded} LoRA tensors from {lora_args.resume_path}")
+    if log:
+        model.print_trainable_parameters()
+    return model
+
+
+def write_run_outputs(out, lora_state, tokenizer, log_history, model_args):
+    """Beside the PEFT adapter already in `out`: the seed's chatglm-lora.pt, the tokenizer and loss_curve.png; then
+    print where they are and the command that tries the adapter. Main process only."""
+    out = Path(out)
+    save_lora_pt(None, out / SEED_FILE, state_dict=lora_state)
+    tokenizer.save_pretrained(out)
+    plot = plot_loss_curve(log_history, out / "loss_curve.png")
+    base = "".join(f" --{name} {getattr(model_args, name)}" for name in ("model_name_or_path", "revision")
+                   if getattr(model_args, name))
+    print(f"saved the adapter to {out}/ (loss curve: {plot})")
+    print(f"try it: python inference.py --lora_path {out}{base}")
