@@ -6,12 +6,27 @@ next to checkpoints and loaded through ``auto_map`` with ``trust_remote_code``.
 Layout of the model vocabulary:
 * ``num_image_tokens`` ids first (20000 in the original release, 0 in v1.1),
   shown as ``<image_{i}>``; they never come out of text encoding;
-* then every piece of ``ice_text.model``: model id = sentencepiece id + ``num_image_tokens``.
-No id is hard-coded: specials are looked up in the sentencepiece model.
+* then the text vocabulary: model id = sentencepiece id + ``num_image_tokens``.
+
+The text vocabulary is ``ice_text.model`` followed by 344 pieces the official code adds
+(:data:`CHATGLM_APPENDED_PIECES`): the eight specials ``[MASK] [gMASK] [sMASK] <unused_0>
+<sop> <eop> <ENC> <dBLOCK>`` (CONTROL), ``<|tab|>`` and ``<|blank_2|>`` .. ``<|blank_80|>``
+(USER_DEFINED), and the byte pieces ``<0x00>`` .. ``<0xFF>`` (BYTE), all scored 0, with byte
+fallback on. The first release's file (130000 pieces) lacks them, so they are appended in memory
+exactly as the official tokenizer does: ``[gMASK]`` = 20000 + 130000 + 1 = 150001. The v1.1 file
+already ends with them ([gMASK] = 130001) and is used as is. No id is hard-coded: every special is
+looked up in the (extended) sentencepiece model.
+
+Decoding follows the official tokenizer: padding ids are removed, CONTROL pieces (the specials,
+``<s>``, ``</s>``) give no text, and so do image ids and ids past the text vocabulary (the
+model's embedding is padded beyond it); whitespace pieces turn back into newlines, tabs and spaces
+and byte pieces merge into characters. ``decode(ids)`` of ``你好 [gMASK] <sop> ... <eop>`` is the
+bare text. Tokens added with ``add_tokens`` are written verbatim.
 """
 
 import os
 import re
+import struct
 from typing import Any
 
 import sentencepiece as spm
@@ -19,10 +34,22 @@ from transformers import PreTrainedTokenizer
 
 _MAX_BLANK = 80
 _SPACE_RUN = re.compile(r" {2,}")
-_WHITESPACE_PIECE = re.compile(r"<n>|<\|tab\|>|<\|blank_(\d+)\|>")
+# Exactly the official pieces (<|blank_2|> .. <|blank_80|>): "<|blank_1|>" or "<|blank_81|>" in text stay as they are.
+_WHITESPACE_PIECE = re.compile(r"<n>|<\|tab\|>|<\|blank_([2-9]|[1-7][0-9]|80)\|>")
 _IMAGE_TOKEN = re.compile(r"<image_(\d+)>")
-# Pieces of ice_text.model that are special besides the named bos/eos/end/mask/gmask/pad/unk.
+# Pieces of the text vocabulary that are special besides the named bos/eos/end/mask/gmask/pad/unk.
 _EXTRA_SPECIALS = ["[sMASK]", "<unused_0>", "<ENC>", "<dBLOCK>"]
+
+# sentencepiece piece types (ModelProto.SentencePiece.Type)
+NORMAL, CONTROL, USER_DEFINED, BYTE = 1, 3, 4, 6
+CHATGLM_SPECIAL_PIECES = ["[MASK]", "[gMASK]", "[sMASK]", "<unused_0>", "<sop>", "<eop>", "<ENC>", "<dBLOCK>"]
+# What the official code appends to the first release's ice_text.model, in this order; the v1.1 file ends with it.
+CHATGLM_APPENDED_PIECES = (
+    [(piece, CONTROL) for piece in CHATGLM_SPECIAL_PIECES]
+    + [("<|tab|>", USER_DEFINED)]
+    + [(f"<|blank_{i}|>", USER_DEFINED) for i in range(2, _MAX_BLANK + 1)]
+    + [(f"<0x{i:02X}>", BYTE) for i in range(256)]
+)
 
 
 def _blank_run(match: re.Match) -> str:
@@ -33,7 +60,7 @@ def _blank_run(match: re.Match) -> str:
 
 
 def encode_whitespace(text: str) -> str:
-    """Newlines, tabs and space runs -> the user-defined whitespace pieces of ice_text.model."""
+    """Newlines, tabs and space runs -> the whitespace pieces of the text vocabulary."""
     return _SPACE_RUN.sub(_blank_run, text.replace("\n", "<n>").replace("\t", "<|tab|>"))
 
 
@@ -46,6 +73,110 @@ def decode_whitespace(text: str) -> str:
         return "\n" if match.group(0) == "<n>" else "\t"
 
     return _WHITESPACE_PIECE.sub(piece, text)
+
+
+class IceTextModelError(ValueError):
+    """ice_text.model is not one of ChatGLM-6B's; the message names the file, on one line."""
+
+
+# ----- ice_text.model as protobuf wire data -----
+# ModelProto: pieces = 1 (repeated SentencePiece), trainer_spec = 2 (TrainerSpec.byte_fallback = 35).
+# SentencePiece: piece = 1, score = 2 (float), type = 3. Written by hand so this file needs no protobuf package.
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+
+
+def _fields(data: bytes):
+    """(field number, value) of each field of one serialized message; length-delimited values as bytes."""
+    pos = 0
+    while pos < len(data):
+        key, pos = _read_varint(data, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _read_varint(data, pos)
+        elif wire == 2:
+            size, pos = _read_varint(data, pos)
+            value, pos = data[pos : pos + size], pos + size
+        elif wire in (1, 5):
+            size = 8 if wire == 1 else 4
+            value, pos = data[pos : pos + size], pos + size
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+        yield number, value
+
+
+def _piece_types(model: bytes, first: int) -> list[int]:
+    """Types of the pieces from id `first` on, read from a serialized sentencepiece ModelProto."""
+    types, index = [], 0
+    for number, value in _fields(model):
+        if number == 1:
+            if index >= first:
+                types.append(dict(_fields(value)).get(3, NORMAL))
+            index += 1
+    return types
+
+
+def _length_delimited(number: int, payload: bytes) -> bytes:
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _appended_pieces_wire() -> bytes:
+    # Protobuf merges repeated fields and sub-messages that appear again later in the data, so appending these
+    # records to a serialized model appends the pieces and sets trainer_spec.byte_fallback = true.
+    out = bytearray()
+    for piece, kind in CHATGLM_APPENDED_PIECES:
+        body = _length_delimited(1, piece.encode("utf-8")) + _varint(2 << 3 | 5) + struct.pack("<f", 0.0)
+        out += _length_delimited(1, body + _varint(3 << 3) + _varint(kind))
+    out += _length_delimited(2, _varint(35 << 3) + _varint(1))
+    return bytes(out)
+
+
+def _processor(model: bytes, name: str) -> spm.SentencePieceProcessor:
+    try:
+        return spm.SentencePieceProcessor(model_proto=model)
+    except (RuntimeError, OSError) as err:  # the C++ loader's message, e.g. "INTERNAL: ... byte pieces ..."
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise IceTextModelError(f"{name}: not a readable sentencepiece model ({message})") from None
+
+
+def with_chatglm_pieces(model: bytes, name: str = "ice_text.model") -> bytes:
+    """The text vocabulary of a serialized ``ice_text.model``: the first release's file (none of the 344 official
+    pieces) with them appended, as the official code does; the v1.1 file (all of them, in order) as it is."""
+    sp = _processor(model, name)
+    ids = [sp.piece_to_id(piece) for piece, _ in CHATGLM_APPENDED_PIECES]
+    found = [i for i, (piece, _) in zip(ids, CHATGLM_APPENDED_PIECES) if sp.id_to_piece(i) == piece]
+    if not found:
+        return model + _appended_pieces_wire()
+    first = ids[0]
+    if (
+        len(found) == len(ids)
+        and ids == list(range(first, first + len(ids)))
+        and _piece_types(model, first) == [kind for _, kind in CHATGLM_APPENDED_PIECES]
+    ):
+        return model
+    raise IceTextModelError(
+        f"{name}: has {len(found)} of the {len(ids)} pieces ChatGLM-6B adds to ice_text.model ([MASK] .. <dBLOCK>, "
+        f"<|tab|>, <|blank_2|> .. <|blank_80|>, <0x00> .. <0xFF>), not none and not all of them at its end in the "
+        f"official order and types"
+    )
 
 
 class ChatGLMTokenizer(PreTrainedTokenizer):
@@ -77,7 +208,9 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
         self.do_lower_case = do_lower_case
         self.remove_space = remove_space
         self.num_image_tokens = int(num_image_tokens)
-        self.sp_model = spm.SentencePieceProcessor(model_file=str(vocab_file))
+        with open(vocab_file, "rb") as handle:
+            self._vocab_file_bytes = handle.read()  # saved back unchanged: the official code extends it again
+        self.sp_model = self._text_vocabulary(self._vocab_file_bytes, str(vocab_file))
         self._base_vocab = None
 
         # transformers 5 treats unknown "*_token" kwargs as model-specific special tokens; from_pretrained
@@ -111,6 +244,10 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
             extra_special_tokens=extra,
             **kwargs,
         )
+
+    @staticmethod
+    def _text_vocabulary(file_bytes: bytes, name: str) -> spm.SentencePieceProcessor:
+        return _processor(with_chatglm_pieces(file_bytes, name), name)
 
     # ----- special token ids (all looked up in the sentencepiece model) -----
     @property
@@ -167,22 +304,37 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
             text = text.lower()
         return self.sp_model.encode(encode_whitespace(text), out_type=str)
 
+    # ----- ids -> text, as the official tokenizer decodes -----
+    def _decode(
+        self,
+        token_ids: int | list[int],
+        skip_special_tokens: bool = False,
+        clean_up_tokenization_spaces: bool | None = None,
+        **kwargs,
+    ) -> str:
+        ids = [token_ids] if isinstance(token_ids, int) else [int(i) for i in token_ids]
+        dropped = {self.pad_token_id} | (set(self.all_special_ids) if skip_special_tokens else set())
+        text = self._ids_to_text([i for i in ids if i not in dropped])
+        if clean_up_tokenization_spaces:  # off by default, as in the official tokenizer: it would alter the text
+            text = self.clean_up_tokenization(text)
+        return text
+
     def convert_tokens_to_string(self, tokens: list[str]) -> str:
-        # Text pieces go through sentencepiece (which also merges byte-fallback pieces); special and
-        # image tokens are written verbatim, since sentencepiece would render control pieces as "".
-        # Padding never contributes text.
-        verbatim = set(self.all_special_tokens)
+        return self._ids_to_text([i for i in self.convert_tokens_to_ids(tokens) if i != self.pad_token_id])
+
+    def _ids_to_text(self, ids: list[int]) -> str:
+        # Runs of text-vocabulary ids go through sentencepiece, which merges byte pieces and renders CONTROL pieces
+        # as "". Image ids and ids past the text vocabulary carry no text (the official decode drops ids below
+        # num_image_tokens). Tokens added with add_tokens() lie past the text vocabulary and are written verbatim.
+        n, pieces = self.num_image_tokens, self.sp_model.get_piece_size()
         out, run = [], []
-        for token in tokens:
-            if token == str(self.pad_token):
-                continue
-            if token in verbatim or _IMAGE_TOKEN.fullmatch(token):
-                out.append(decode_whitespace(self.sp_model.decode_pieces(run)))
-                out.append(token)
+        for i in ids:
+            if n <= i < n + pieces:
+                run.append(i - n)
+            elif i >= n + pieces and i in self._added_tokens_decoder:
+                out += [decode_whitespace(self.sp_model.decode(run)), self._added_tokens_decoder[i].content]
                 run = []
-            else:
-                run.append(token)
-        out.append(decode_whitespace(self.sp_model.decode_pieces(run)))
+        out.append(decode_whitespace(self.sp_model.decode(run)))
         return "".join(out)
 
     # ----- special tokens around sequences -----
@@ -215,17 +367,17 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
             raise ValueError(f"Vocabulary path ({save_directory}) should be a directory")
         name = (filename_prefix + "-" if filename_prefix else "") + self.vocab_files_names["vocab_file"]
         path = os.path.join(save_directory, name)
-        # Write the loaded model itself: works even if the original file moved or is the destination.
+        # The file as it was read (not the extended vocabulary, which the official code would extend again); from
+        # memory, so this works even if the original file moved or is the destination.
         with open(path, "wb") as handle:
-            handle.write(self.sp_model.serialized_model_proto())
+            handle.write(self._vocab_file_bytes)
         return (path,)
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["sp_model"] = self.sp_model.serialized_model_proto()
+        del state["sp_model"]
         return state
 
     def __setstate__(self, state):
         self.__dict__.update(state)
-        self.sp_model = spm.SentencePieceProcessor()
-        self.sp_model.load_from_serialized_proto(state["sp_model"])
+        self.sp_model = self._text_vocabulary(self._vocab_file_bytes, str(self.vocab_file))

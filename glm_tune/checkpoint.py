@@ -5,8 +5,10 @@ its own folder with the same files the official one has: `config.json` (with `au
 `ice_text.model` trained on text the repository ships, `tokenizer_config.json`, and random weights as `.bin` (single or
 sharded with `pytorch_model.bin.index.json`) and/or safetensors. Both revisions are supported:
 
-* "v1.1": 0 image tokens, config names mask/gmask ids and the P-Tuning fields (like chatglm-6b v1.1+);
-* "original": 20000 image tokens ahead of the text vocabulary, config names only bos/eos/pad (the first release).
+* "v1.1": 0 image tokens, config names mask/gmask ids and the P-Tuning fields (like chatglm-6b v1.1+); its
+  ice_text.model ends with the 344 ChatGLM pieces (specials, tab/blank and byte pieces);
+* "original": 20000 image tokens ahead of the text vocabulary, config names only bos/eos/pad (the first release); its
+  ice_text.model lacks those pieces, which the tokenizer appends in memory, as the official code does.
 """
 
 import hashlib
@@ -132,7 +134,7 @@ def write_checkpoint(out_dir, revision="v1.1", formats=("sharded-bin",), seed=0,
     with atomic_dir(out_dir) as tmp:
         for name in CODE_FILES:
             shutil.copy2(REPO_ROOT / name, tmp / name)
-        sp_path = train_ice_text_model(tmp / "ice_text.model", corpus, vocab_size=vocab_pieces)
+        sp_path = train_ice_text_model(tmp / "ice_text.model", corpus, vocab_size=vocab_pieces, revision=revision)
         tokenizer = ChatGLMTokenizer(str(sp_path), num_image_tokens=IMAGE_TOKENS[revision])
         tokenizer.save_pretrained(tmp)
         vocab_size = -(-tokenizer.vocab_size // 64) * 64  # padded like the official 130528 (> pieces)

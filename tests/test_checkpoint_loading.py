@@ -103,6 +103,35 @@ def test_config_ids_agree_with_tokenizer_in_both_vocab_layouts(make_checkpoint, 
     assert tokenizer.vocab_size <= config.vocab_size < tokenizer.vocab_size + 64
 
 
+@pytest.mark.parametrize("revision,offset,file_pieces,config_vocab", [("v1.1", 0, 4000, 4032),
+                                                                     ("original", 20000, 3656, 24000)])
+def test_ice_text_model_is_written_as_the_real_file_of_each_revision(make_checkpoint, revision, offset, file_pieces,
+                                                                      config_vocab):
+    # The real first-release file holds only its 130000 base pieces and the tokenizer appends the 344 ChatGLM
+    # pieces ([MASK] [gMASK] ... <dBLOCK>, <|tab|>, <|blank_2..80|>, <0x00..0xFF>); the v1.1 file ends with them.
+    from sentencepiece import sentencepiece_model_pb2 as sp_pb2
+
+    from glm_tune.loading import check_tokenizer_matches
+
+    folder = make_checkpoint(revision, ("sharded-bin",), **SHAPE)
+    proto = sp_pb2.ModelProto()
+    proto.ParseFromString((folder / "ice_text.model").read_bytes())
+    pieces = [p.piece for p in proto.pieces]
+    assert len(pieces) == file_pieces
+    assert ("[gMASK]" in pieces) == ("<sop>" in pieces) == ("<0x00>" in pieces) == (revision == "v1.1")
+    base = 4000 - 344
+    tokenizer = ChatGLMTokenizer.from_pretrained(folder)
+    config = ChatGLMConfig.from_pretrained(folder)
+    assert tokenizer("你好")["input_ids"][-2:] == [offset + base + 1, offset + base + 4]  # [gMASK] <sop>
+    assert (config.gmask_token_id, config.bos_token_id, config.eos_token_id) == (
+        offset + base + 1, offset + base + 4, offset + base + 5)
+    assert tokenizer.vocab_size == offset + 4000 and config.vocab_size == config_vocab
+    check_tokenizer_matches(config, tokenizer, folder)
+    output = tokenizer(["你好", "a longer prompt"], padding=True)["input_ids"][0] + tokenizer.encode(
+        "你好！", add_special_tokens=False) + [tokenizer.eos_token_id]
+    assert tokenizer.decode(output) == "你好你好！"
+
+
 @pytest.mark.parametrize("revision", ["v1.1", "original"])
 def test_official_config_files_read_unchanged(revision):
     folder = DATA / f"chatglm-6b-{revision}"
