@@ -14,15 +14,17 @@ The output is resumable: rerun the same command after an interruption and it con
 
 import argparse
 import os
+import sys
 
 import torch
 
 from glm_tune.batch_inference import BatchJob, add_job_arguments
 from glm_tune.deepspeed_inference import (
-    broadcast, deepspeed_installed, describe_split, finish_distributed, init_inference, launcher_world_size,
+    deepspeed_installed, describe_split, finish_distributed, init_inference, launcher_world_size,
     setup_distributed)
 from glm_tune.errors import UserError, exit_on_user_error
 from glm_tune.loading import load_model_and_tokenizer
+from glm_tune.locking import hold_output_lock, run_on_rank0
 
 
 def parse_args(argv=None):
@@ -47,20 +49,28 @@ def main(argv=None):
         raise UserError("started with several ranks, but tensor parallelism needs DeepSpeed "
                         f"({'--no_deepspeed given' if args.no_deepspeed else 'not installed'}); run with python")
     rank, world = setup_distributed()
-    done = broadcast(job.results.finished_ids(job.rows) if rank == 0 else None)  # rank 0 alone reads and writes it
-    model, tokenizer = load_model_and_tokenizer(args.model_name_or_path, args.lora_path, args.dtype,
-                                                merge_adapter=True)
-    if use_deepspeed:
-        model = init_inference(model, args.kernel_inject)
-        if world > 1 and rank == 0:
-            print(f"DeepSpeed tensor parallelism over {world} ranks: rank 0 holds {describe_split(model)}")
-    elif torch.cuda.is_available():
-        model = model.cuda()
-    summary = job.run(model, tokenizer, done, write=rank == 0)
+    try:
+        # Rank 0 alone holds the output's lock and reads and writes the output; a second run on it, or an output of
+        # another job, stops every rank (with plain python: the one process) instead of leaving the others waiting.
+        with hold_output_lock(args.output):
+            done = run_on_rank0(lambda: job.results.finished_ids(job.rows))
+            model, tokenizer = load_model_and_tokenizer(args.model_name_or_path, args.lora_path, args.dtype,
+                                                        merge_adapter=True)
+            if use_deepspeed:
+                model = init_inference(model, args.kernel_inject)
+                if world > 1 and rank == 0:
+                    print(f"DeepSpeed tensor parallelism over {world} ranks: rank 0 holds {describe_split(model)}")
+            elif torch.cuda.is_available():
+                model = model.cuda()
+            summary = job.run(model, tokenizer, done, write=rank == 0)
+    except UserError:
+        finish_distributed()  # every rank has the error: they leave together
+        if rank == 0:
+            raise
+        sys.exit(2)  # rank 0 tells the user
     if rank == 0:
         print(summary)
     finish_distributed()
-
 
 if __name__ == "__main__":
     main()

@@ -21,6 +21,7 @@ import torch
 from glm_tune.batch_inference import BatchJob, add_job_arguments
 from glm_tune.errors import UserError, exit_on_user_error
 from glm_tune.loading import load_model_and_tokenizer
+from glm_tune.locking import hold_output_lock
 
 
 def parse_args(argv=None):
@@ -73,10 +74,11 @@ def main(argv=None):
     args = parse_args(argv)
     job = BatchJob.from_args(args)  # a bad input file stops here, before any model is loaded
     max_memory = parse_max_memory(args.max_memory)
-    done = job.results.finished_ids(job.rows)
     split = torch.cuda.device_count() > 0 or max_memory is not None
     offload = tempfile.TemporaryDirectory(prefix="glm-offload-") if split and not args.offload_folder else nullcontext()
-    with offload as temporary_folder:
+    # A second run on this --output stops here, naming this one, instead of generating the same rows again.
+    with hold_output_lock(args.output), offload as temporary_folder:
+        done = job.results.finished_ids(job.rows)
         model, tokenizer = load_model_and_tokenizer(
             args.model_name_or_path, args.lora_path, args.dtype, device_map="auto" if split else None,
             max_memory=max_memory, offload_folder=args.offload_folder or temporary_folder)

@@ -7,10 +7,10 @@ Every input row has an id, its --id_column value (or its row number when the inp
 exactly one output row carrying that id. The job is resumable: finished rows are appended a whole batch at a time
 (one write, then fsync), and a rerun reads back the ids already in the output and generates only the others. A kill
 during a write can leave at most a torn last row; the rerun cuts it off before appending, so no row is lost and none
-appears twice.
+appears twice. The scripts hold a lock on the output while they run (glm_tune/locking.py): a second run started on it
+stops at once, naming the first, instead of generating the same rows again.
 """
 
-import argparse
 import csv
 import io
 import json
@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from glm_tune.arguments import add_model_arguments, add_sampling_arguments
 from glm_tune.atomic import append_bytes, write_bytes
-from glm_tune.data import DataError, json_type, parse_rows, text_field
+from glm_tune.data import DataError, json_type, parse_json, parse_rows, text_field
 from glm_tune.errors import UserError
 from glm_tune.generation import generate_batch
 
@@ -40,10 +41,7 @@ TEMPLATES = {
 
 def add_job_arguments(parser, default_output):
     """The flags both batch scripts share."""
-    parser.add_argument("--model_name_or_path", default=None,
-                        help="ChatGLM-6B checkpoint folder (default: the embedded small model, built on first use)")
-    parser.add_argument("--lora_path", default=None,
-                        help="adapter: a finetune.py output folder, a PEFT adapter folder or a chatglm-lora.pt")
+    add_model_arguments(parser)
     parser.add_argument("--input", default=str(DEMO_INPUT.relative_to(REPO_ROOT)),
                         help="rows to answer: .csv (with a header) or .jsonl / .json (default: %(default)s)")
     parser.add_argument("--output", default=default_output,
@@ -59,16 +57,8 @@ def add_job_arguments(parser, default_output):
                              f"name ({', '.join(TEMPLATES)}; default: %(default)s, the seed's copywriting instruction)")
     parser.add_argument("--batch_size", type=int, default=8, help="prompts per generate() call (default: %(default)s)")
     parser.add_argument("--max_new_tokens", type=int, default=256, help="most tokens per answer (default: %(default)s)")
-    parser.add_argument("--do_sample", action=argparse.BooleanOptionalAction, default=False,
-                        help="sample instead of greedy decoding (--no-do_sample: greedy, the default)")
-    parser.add_argument("--temperature", type=float, default=0.95, help="sampling temperature (with --do_sample)")
-    parser.add_argument("--top_p", type=float, default=0.7, help="nucleus sampling mass (with --do_sample)")
-    parser.add_argument("--top_k", type=int, default=0, help="sample among the k likeliest tokens; 0 = all "
-                                                             "(with --do_sample)")
-    parser.add_argument("--repetition_penalty", type=float, default=1.0, help="> 1 discourages repeats")
+    add_sampling_arguments(parser, do_sample=False, extra=True)
     parser.add_argument("--seed", type=int, default=0, help="random seed of sampling")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                        help="weights dtype: auto = bf16 on GPUs and AMX CPUs, else fp32")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -221,7 +211,7 @@ class ResultFile:
         for number, line in enumerate(data[:complete].split(b"\n")[:-1], start=1):
             where = f"{self.path}:{number}"
             try:
-                row = json.loads(line)
+                row = parse_json(line)
             except (json.JSONDecodeError, UnicodeDecodeError):
                 raise UserError(f"{where}: not a JSON row; not an output of this script?") from None
             if not isinstance(row, dict) or "id" not in row:

@@ -19,6 +19,7 @@ Bad rows raise `DataError("data/x.jsonl:17: missing field 'output'")` unless the
 
 import json
 import math
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -178,6 +179,30 @@ def render_example(record, fmt):
 # Files -> rows
 
 
+def parse_json(document):
+    """json.loads, except that a document nested too deeply for Python's parser (which gives up with RecursionError
+    after about a thousand levels, e.g. '[' * 5000) raises JSONDecodeError("nested too deeply") at its deepest point,
+    so that every reader reports it as the file:line of bad JSON it is."""
+    try:
+        return json.loads(document)
+    except RecursionError:
+        text = document.decode("utf-8", errors="replace") if isinstance(document, bytes) else document
+        raise json.JSONDecodeError("nested too deeply", text, _deepest_point(text)) from None
+
+
+def _deepest_point(text):
+    """Offset of the first '[' or '{' at the deepest nesting of `text` (brackets inside strings do not count)."""
+    depth = deepest = at = 0
+    for token in re.finditer(r'"(?:[^"\\]|\\.)*"|[\[\]{}]', text):
+        if token.group() in ("[", "{"):
+            depth += 1
+            if depth > deepest:
+                deepest, at = depth, token.start()
+        elif token.group() in ("]", "}"):
+            depth -= 1
+    return at
+
+
 def parse_rows(path):
     """Yield (location, JSON value or DataError) for every row of a JSONL or JSON-array file."""
     path = Path(path)
@@ -191,7 +216,7 @@ def parse_rows(path):
         # surrogateescape keeps undecodable bytes as lone surrogates, so the bad row can be named (item N).
         text = path.read_bytes().decode("utf-8", errors="surrogateescape").lstrip("\ufeff")
         try:
-            items = json.loads(text)
+            items = parse_json(text)
         except json.JSONDecodeError as err:
             message = f"{path}:{err.lineno}: not valid JSON ({err.msg}, column {err.colno})"
             raise DataError(message, "not JSON") from None
@@ -208,7 +233,7 @@ def parse_rows(path):
             if not line.strip():
                 continue
             try:
-                yield str(number), json.loads(line)
+                yield str(number), parse_json(line)
             except json.JSONDecodeError as err:
                 yield str(number), DataError(f"not JSON ({err.msg}, column {err.colno})", "not JSON")
 

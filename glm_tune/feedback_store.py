@@ -25,7 +25,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from glm_tune.atomic import append_bytes, write_bytes
-from glm_tune.data import render_example
+from glm_tune.data import parse_json, render_example
 from glm_tune.errors import UserError
 
 LOCK_TIMEOUT_S = 30
@@ -73,7 +73,7 @@ class JsonlTable:
             if not raw.strip():
                 continue
             try:
-                row = json.loads(raw)
+                row = parse_json(raw)  # nested too deeply counts as bad too
             except (json.JSONDecodeError, UnicodeDecodeError):
                 row = None
             lines.append((raw, row if isinstance(row, dict) else None))

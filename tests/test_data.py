@@ -1,6 +1,7 @@
 """Tests for glm_tune/data.py and tokenize_dataset_rows_belle.py: formats, truncation, bad rows, CLI, collator."""
 
 import json
+import os
 import subprocess
 import sys
 from collections import Counter
@@ -338,28 +339,108 @@ def test_cli_bad_file_exits_2_with_one_line(tmp_path, checkpoint):
     assert not (tmp_path / "out").exists()
 
 
+def run_main(main, argv, capsys):
+    """main(argv) in this process -> (exit status, stderr)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    return exit_info.value.code, capsys.readouterr().err
+
+
 def test_cli_errors_in_process(tmp_path, checkpoint, capsys):
     from tokenize_dataset_rows_belle import main
 
     common = ["--max_seq_length", "64", "--model_name_or_path", str(checkpoint)]
-    assert main(["--jsonl_path", str(tmp_path / "nope.jsonl"), "--save_path", str(tmp_path / "out"), *common]) == 2
-    assert capsys.readouterr().err == f"error: {tmp_path / 'nope.jsonl'}: no such file\n"
+    assert run_main(main, ["--jsonl_path", str(tmp_path / "nope.jsonl"), "--save_path", str(tmp_path / "out"),
+                           *common], capsys) == (2, f"error: {tmp_path / 'nope.jsonl'}: no such file\n")
 
     data = write_rows(tmp_path / "ok.jsonl", [ALPACA_OK])
     not_a_model = tmp_path / "not-a-model"
     not_a_model.mkdir()
     args = ["--jsonl_path", str(data), "--save_path", str(tmp_path / "out"), "--max_seq_length", "64"]
-    assert main([*args, "--model_name_or_path", str(not_a_model)]) == 2
-    assert capsys.readouterr().err == (f"error: --model_name_or_path {not_a_model}: not a ChatGLM folder (needs "
-                                       "config.json and ice_text.model)\n")
+    assert run_main(main, [*args, "--model_name_or_path", str(not_a_model)], capsys) == (
+        2, f"error: --model_name_or_path {not_a_model}: not a ChatGLM folder (needs config.json and ice_text.model)\n")
 
     precious = tmp_path / "precious"
     precious.mkdir()
     (precious / "notes.txt").write_text("mine")
-    assert main(["--jsonl_path", str(data), "--save_path", str(precious), *common]) == 2
-    assert capsys.readouterr().err.endswith(f"error: --save_path {precious}: exists and is not a saved dataset; "
-                                            "refusing to replace it\n")
+    assert run_main(main, ["--jsonl_path", str(data), "--save_path", str(precious), *common], capsys) == (
+        2, f"error: --save_path {precious}: exists and is not a saved dataset; refusing to replace it\n")
     assert (precious / "notes.txt").read_text() == "mine"
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.lock").exists()
+
+
+def test_cli_refuses_a_save_path_another_run_holds(tmp_path, checkpoint, capsys):
+    from glm_tune.locking import hold_output_lock, read_holder
+    from tokenize_dataset_rows_belle import main
+
+    data = write_rows(tmp_path / "ok.jsonl", [ALPACA_OK])
+    save = tmp_path / "tokenized"
+    argv = ["--jsonl_path", str(data), "--save_path", str(save), "--max_seq_length", "64",
+            "--model_name_or_path", str(checkpoint)]
+    with hold_output_lock(save, "--save_path"):  # another run, tokenizing into the same folder
+        holder = read_holder(save)
+        status, err = run_main(main, argv, capsys)
+    assert status == 2 and err.count("\n") == 1
+    assert err.startswith(f"error: --save_path {save}: in use by pid {os.getpid()} on {holder['host']} since "
+                          f"{holder['started']} (")
+    assert not save.exists()
+    main(argv)  # once it is gone, the folder is ours
+    assert len(load_from_disk(str(save))) == 1
+
+
+# ----- JSON nested deeper than Python's parser goes -----
+
+DEEP_LIST = "[" * 5000 + "]" * 5000
+DEEP_OBJECT = '{"a":' * 3000 + "1" + "}" * 3000
+
+
+@pytest.mark.parametrize("deep", [DEEP_LIST, DEEP_OBJECT], ids=["list", "object"])
+def test_a_row_nested_too_deeply_is_a_bad_row(tmp_path, deep):
+    path = write_rows(tmp_path / "deep.jsonl", [ALPACA_OK, deep, ALPACA_OK])
+    with pytest.raises(DataError) as err:
+        read_records(path)
+    column = 5000 if deep is DEEP_LIST else 14996  # the innermost '[', or '{"a":{' ... the innermost '{'
+    assert str(err.value) == f"{path}:2: not JSON (nested too deeply, column {column})"
+    assert read_records(path, skip_bad_rows=True)[1] == Counter({"not JSON": 1})
+
+    array = tmp_path / "deep.json"
+    array.write_text(f'[\n{json.dumps(ALPACA_OK)},\n{deep}\n]\n')
+    with pytest.raises(DataError) as err:
+        read_records(array, skip_bad_rows=True)  # a broken array is a broken file
+    assert str(err.value) == f"{array}:3: not valid JSON (nested too deeply, column {column})"
+
+
+def test_cli_row_nested_too_deeply_exits_2_with_one_line_or_is_skipped(tmp_path, checkpoint):
+    data = write_rows(tmp_path / "deep.jsonl", [ALPACA_OK, DEEP_LIST, ALPACA_OK])
+    common = ["--save_path", tmp_path / "out", "--max_seq_length", 64, "--model_name_or_path", checkpoint]
+    result = run_cli("--jsonl_path", data, *common)
+    assert result.returncode == 2
+    assert result.stderr == f"error: {data}:2: not JSON (nested too deeply, column 5000)\n"
+    assert "Traceback" not in result.stdout and not (tmp_path / "out").exists()
+
+    result = run_cli("--jsonl_path", data, *common, "--skip_bad_rows")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[:2] == ["rows: 3 in, 2 out", "skipped bad rows: 1 (not JSON: 1)"]
+
+
+def test_every_json_reader_names_a_too_deep_line(tmp_path):
+    from glm_tune.batch_inference import ResultFile, read_inputs
+    from glm_tune.errors import UserError
+    from glm_tune.feedback_store import JsonlTable
+
+    path = write_rows(tmp_path / "in.jsonl", [{"title": "a"}, DEEP_OBJECT])
+    with pytest.raises(UserError) as err:  # batch inference inputs
+        read_inputs(path, "title", "{text}")
+    assert str(err.value) == f"{path}:2: not JSON (nested too deeply, column 14996)"
+
+    rows = read_inputs(write_rows(tmp_path / "ok.jsonl", [{"id": "a", "title": "a"}]), "title", "{text}")
+    out = write_rows(tmp_path / "out.jsonl", [{"id": "a", "title": "a", "response": "r"}, DEEP_LIST])
+    with pytest.raises(UserError) as err:  # batch inference outputs, read back to resume
+        ResultFile(out, "title").finished_ids(rows)
+    assert str(err.value) == f"{out}:2: not a JSON row; not an output of this script?"
+
+    table = JsonlTable(write_rows(tmp_path / "dataset.jsonl", [{"id": "x", **ALPACA_OK}, DEEP_LIST]))
+    assert [row["id"] for row in table.rows()] == ["x"] and table.bad_lines == 1  # feedback tables
 
 
 # ----- parallel tokenization -----
