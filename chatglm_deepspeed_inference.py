@@ -55,7 +55,7 @@ def main(argv=None):
         with hold_output_lock(args.output):
             done = run_on_rank0(lambda: job.results.finished_ids(job.rows))
             model, tokenizer = load_model_and_tokenizer(args.model_name_or_path, args.lora_path, args.dtype,
-                                                        merge_adapter=True)
+                                                        merge_adapter=True, revision=args.revision)
             if use_deepspeed:
                 model = init_inference(model, args.kernel_inject)
                 if world > 1 and rank == 0:

@@ -19,7 +19,7 @@ def main():
     parser.add_argument("--formats", nargs="+", choices=WEIGHT_FORMATS, default=["sharded-bin"],
                         help="weight files to write (several allowed)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
-    parser.add_argument("--vocab_pieces", type=int, default=4000, help="sentencepiece vocabulary size")
+    parser.add_argument("--vocab_pieces", type=int, default=4000, help="text vocabulary of the tokenizer (the v1.1 file's pieces; the first release's file holds 344 fewer, which the tokenizer appends)")
     for name, default in SMALL_SHAPE.items():
         parser.add_argument(f"--{name}", type=int, default=default, help=f"model {name} (default {default})")
     args = parser.parse_args()

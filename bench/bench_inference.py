@@ -21,7 +21,7 @@ from _common import generation_rows, report
 from bench_model import DIMS, PRESETS, bench_generate, build_model, make_config
 from glm_tune.deepspeed_inference import (
     deepspeed_installed, finish_distributed, init_inference, setup_distributed)
-from glm_tune.runtime import parse_dtype
+from glm_tune.runtime import DTYPE_CHOICES, parse_dtype
 
 
 def parse_args():
@@ -34,7 +34,7 @@ def parse_args():
                    help="what to measure (default: both; under the launcher with several ranks only deepspeed)")
     p.add_argument("--kernel_inject", choices=["auto", "on", "off"], default="auto",
                    help="DeepSpeed's fused CUDA kernels (none exist for ChatGLM-6B; see glm_tune/deepspeed_inference)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                    help="weights dtype; auto = fp32 on CPUs without fast bf16, bf16 on GPUs")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0 = torch's default; under the "
                                                           "launcher on CPU: the cores divided by the ranks)")

@@ -25,7 +25,7 @@ from _common import (
     generation_rows, peak_memory_bytes, report, report_memory, run_memory_child, sync)
 from configuration_chatglm import ChatGLMConfig
 from glm_tune.checkpoint import SMALL_SHAPE
-from glm_tune.runtime import parse_dtype
+from glm_tune.runtime import DTYPE_CHOICES, parse_dtype
 from modeling_chatglm import ChatGLMForConditionalGeneration
 
 PRESETS = {
@@ -186,7 +186,7 @@ def main():
                         "6b = the official shape")
     for d in DIMS:
         p.add_argument(f"--{d}", type=int, help=f"override the preset's {d}")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                    help="weights dtype; auto = glm_tune.runtime.default_dtype() (fp32 on CPUs without fast bf16)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = cuda if available")
     p.add_argument("--threads", type=int, default=0,

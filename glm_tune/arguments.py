@@ -4,7 +4,6 @@ embedded demo defaults that a run without --dataset_path uses."""
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -15,7 +14,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from glm_tune.data import FORMATS
+from glm_tune.data import FORMATS, parse_json
 from glm_tune.errors import UserError
 from glm_tune.runtime import DTYPE_CHOICES, training_precision
 
@@ -201,7 +200,7 @@ def parse_training_args(argv=None, description=None):
         if not Path(deepspeed).is_file():
             raise UserError(f"--deepspeed {deepspeed}: no such DeepSpeed config file")
         try:
-            json.loads(Path(deepspeed).read_text())
+            parse_json(Path(deepspeed).read_text())
         except ValueError as err:
             raise UserError(f"{deepspeed}:{getattr(err, 'lineno', '?')}: not valid JSON ({err})") from None
     model_args, data_args, lora_args, train_args = parser.parse_args_into_dataclasses(argv)

@@ -60,15 +60,6 @@ def finish_distributed():
         torch.distributed.destroy_process_group()
 
 
-def broadcast(obj):
-    """`obj` of rank 0 on every rank (unchanged when there is one process)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return obj
-    holder = [obj]
-    torch.distributed.broadcast_object_list(holder, src=0)
-    return holder[0]
-
-
 def kernels_supported(model):
     """True when DeepSpeed has fused inference kernels for this model's blocks, and CUDA to run them."""
     from deepspeed.module_inject.auto_tp import AutoTP

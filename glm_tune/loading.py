@@ -1,40 +1,111 @@
-"""Loading a ChatGLM checkpoint folder (official or generated) and, optionally, a LoRA adapter onto it."""
+"""Loading a ChatGLM checkpoint (a local folder, a Hugging Face repo id or the embedded demo model) and, optionally, a
+LoRA adapter onto it."""
 
+import re
+import sys
 from pathlib import Path
 
 from glm_tune.errors import UserError
 from glm_tune.runtime import parse_dtype
 from modeling_chatglm import ChatGLMForConditionalGeneration
-from tokenization_chatglm import ChatGLMTokenizer
+from tokenization_chatglm import ChatGLMTokenizer, IceTextModelError
+
+# What our classes read from a Hub repo: the official *.py files are never run (ours replace them), nor is the rest.
+HUB_FILES = ["config.json", "ice_text.model", "tokenizer_config.json", "*.bin", "*.safetensors", "*.index.json"]
+REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name, as the Hub spells them
+EMBEDDED_NOTICE = ("note: no --model_name_or_path given, so this runs the embedded small demo model (random weights, "
+                   "for demos and tests); for real answers pass --model_name_or_path THUDM/chatglm-6b or a local "
+                   "chatglm-6b folder")
+_embedded_notice_shown = False
 
 
-def resolve_model_path(model_name_or_path):
-    """None means the embedded small model (built on first use); a folder must hold a ChatGLM checkpoint."""
+def resolve_model_path(model_name_or_path=None, revision=None):
+    """The local folder of a ChatGLM checkpoint.
+
+    None is the embedded small demo model (built on first use; said once per process on stderr). An existing folder is
+    used as it is (`revision` is ignored, as transformers does). Otherwise `owner/name` is a Hugging Face repo id: its
+    snapshot at `revision` (branch, tag or commit id; default main) in the Hugging Face cache, downloaded on first use,
+    only the files our classes read. HF_HOME / HF_HUB_CACHE choose the cache; with HF_HUB_OFFLINE=1 it must be there."""
     if model_name_or_path is None:
         from glm_tune.checkpoint import small_checkpoint
 
+        announce_embedded_model()
         return small_checkpoint()
     folder = Path(model_name_or_path)
+    where = f"--model_name_or_path {model_name_or_path}"
     if not folder.is_dir():
-        raise UserError(f"--model_name_or_path {model_name_or_path}: no such folder (weights cannot be downloaded "
-                        "here; point it at a local ChatGLM-6B checkpoint folder)")
+        if not REPO_ID.fullmatch(str(model_name_or_path)):
+            raise UserError(f"{where}: no such folder, and not a Hugging Face repo id (owner/name, e.g. "
+                            "THUDM/chatglm-6b)")
+        folder = download_from_hub(str(model_name_or_path), revision)
+        where = f"{where} (revision {revision or 'main'}, {folder})"
     if not (folder / "config.json").exists() or not (folder / "ice_text.model").exists():
-        raise UserError(f"--model_name_or_path {model_name_or_path}: not a ChatGLM folder (needs config.json and "
-                        "ice_text.model)")
+        raise UserError(f"{where}: not a ChatGLM folder (needs config.json and ice_text.model)")
     return folder
 
 
-def load_tokenizer(model_name_or_path=None):
+def announce_embedded_model():
+    global _embedded_notice_shown
+    if not _embedded_notice_shown:
+        _embedded_notice_shown = True
+        print(EMBEDDED_NOTICE, file=sys.stderr, flush=True)
+
+
+def download_from_hub(repo_id, revision=None):
+    """Snapshot folder of `repo_id` at `revision` in the Hugging Face cache (downloading what is missing); every way it
+    cannot be had is a one-line UserError saying what to do."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, HFValidationError, IncompleteSnapshotError,
+                                        LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
+
+    revision_name = revision or "main"
+    where = f"--model_name_or_path {repo_id} (revision {revision_name})"
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_FILES))
+    except HFValidationError:
+        raise UserError(f"--model_name_or_path {repo_id}: no such folder, and not a Hugging Face repo id (owner/name, "
+                        "e.g. THUDM/chatglm-6b)") from None
+    except GatedRepoError:
+        raise UserError(f"{where}: the repo is gated: accept its terms on https://huggingface.co/{repo_id}, then log "
+                        "in (hf auth login)") from None
+    except RepositoryNotFoundError:
+        raise UserError(f"{where}: no such local folder, and no Hugging Face repo you can access by that id: check "
+                        "the path or the id (a private repo needs hf auth login)") from None
+    except RevisionNotFoundError:
+        raise UserError(f"{where}: {repo_id} has no revision {revision_name}: give a branch, tag or commit id that "
+                        f"exists (https://huggingface.co/{repo_id}/commits/main)") from None
+    except IncompleteSnapshotError:
+        raise UserError(f"{where}: the cached copy in {constants.HF_HUB_CACHE} is incomplete and the Hub cannot be "
+                        "reached: run again with network access to finish the download") from None
+    except LocalEntryNotFoundError:
+        missing = f"{where}: no such local folder, and not in the Hugging Face cache {constants.HF_HUB_CACHE}"
+        if constants.HF_HUB_OFFLINE:
+            raise UserError(f"{missing}, which HF_HUB_OFFLINE=1 forbids downloading into: check the name, unset "
+                            "HF_HUB_OFFLINE to download it, or point HF_HUB_CACHE (or HF_HOME) at the cache that "
+                            "holds it") from None
+        raise UserError(f"{missing}, and the Hugging Face Hub cannot be reached: check the name and the network (or "
+                        "HF_ENDPOINT / proxy settings), or pass a local chatglm-6b folder") from None
+    except HfHubHTTPError as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{where}: the Hugging Face Hub answered {first_line}: try again later, or pass a local "
+                        "folder") from None
+
+
+def load_tokenizer(model_name_or_path=None, revision=None):
     # Always our tokenizer class: the official folder's tokenization_chatglm.py does not run on transformers 5.
-    return ChatGLMTokenizer.from_pretrained(str(resolve_model_path(model_name_or_path)))
+    try:
+        return ChatGLMTokenizer.from_pretrained(str(resolve_model_path(model_name_or_path, revision)))
+    except IceTextModelError as err:  # an ice_text.model of neither official layout: its one line, file named
+        raise UserError(str(err)) from None
 
 
-def load_model(model_name_or_path=None, dtype="auto", device_map=None, max_memory=None, offload_folder=None):
-    """Our model class on the folder's weights, checked against the folder's tokenizer.
+def load_model(model_name_or_path=None, dtype="auto", device_map=None, max_memory=None, offload_folder=None,
+               revision=None):
+    """Our model class on the checkpoint's weights (see resolve_model_path), checked against its tokenizer.
 
     `device_map` ("auto" or a plan) splits the model by layer over GPUs, CPU and disk within `max_memory`
     ({0: "20GiB", "cpu": "60GiB"}); layers planned on "disk" are kept in `offload_folder` and loaded as needed."""
-    folder = resolve_model_path(model_name_or_path)
+    folder = resolve_model_path(model_name_or_path, revision)
     dtype = parse_dtype(dtype) if isinstance(dtype, (str, type(None))) else dtype
     split = {} if device_map is None else dict(max_memory=max_memory, offload_folder=offload_folder)
     model = ChatGLMForConditionalGeneration.from_pretrained(str(folder), dtype=dtype, device_map=device_map, **split)
@@ -55,7 +126,7 @@ def check_tokenizer_matches(config, tokenizer, where):
 
 
 def load_model_and_tokenizer(model_name_or_path=None, lora_path=None, dtype="auto", device_map=None,
-                             merge_adapter=False, max_memory=None, offload_folder=None):
+                             merge_adapter=False, max_memory=None, offload_folder=None, revision=None):
     """The base model (plus adapter, if given) in eval mode, and its tokenizer.
 
     merge_adapter=True adds the adapter into the base weights (one plain model, no LoRA layers left): what tensor
@@ -63,8 +134,9 @@ def load_model_and_tokenizer(model_name_or_path=None, lora_path=None, dtype="aut
     before the model is split: PEFT cannot load adapter weights into layers offloaded to disk."""
     from glm_tune.lora import apply_adapter
 
+    folder = resolve_model_path(model_name_or_path, revision)  # once: a Hub id is looked up once
     split_after_merge = bool(lora_path) and device_map is not None
-    model = load_model(model_name_or_path, dtype, None if split_after_merge else device_map, max_memory,
+    model = load_model(folder, dtype, None if split_after_merge else device_map, max_memory,
                        offload_folder)
     if lora_path:
         model = apply_adapter(model, lora_path)
@@ -72,7 +144,7 @@ def load_model_and_tokenizer(model_name_or_path=None, lora_path=None, dtype="aut
             model = model.merge_and_unload()
     if split_after_merge:
         model = split_model(model, device_map, max_memory, offload_folder)
-    return model.eval(), load_tokenizer(model_name_or_path)
+    return model.eval(), load_tokenizer(folder)
 
 
 def split_model(model, device_map="auto", max_memory=None, offload_folder=None):

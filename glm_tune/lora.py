@@ -1,12 +1,12 @@
 """LoRA wiring: which layers get adapters, and saving / loading them in both the PEFT and the seed's format."""
 
-import json
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from glm_tune.atomic import atomic_path
+from glm_tune.data import parse_json
 from glm_tune.errors import UserError
 
 ALL_LINEAR = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
@@ -58,8 +58,15 @@ def load_lora_pt(peft_model, path):
 def _config_for_seed_file(state, folder):
     """LoRA settings for a bare chatglm-lora.pt: from an adapter_config.json beside it, else from the tensors."""
     if (folder / "adapter_config.json").exists():
-        saved = json.loads((folder / "adapter_config.json").read_text())
-        return dict(rank=saved["r"], alpha=saved["lora_alpha"], target=",".join(saved["target_modules"]))
+        path = folder / "adapter_config.json"
+        try:
+            saved = parse_json(path.read_text())
+            return dict(rank=int(saved["r"]), alpha=saved["lora_alpha"], target=",".join(saved["target_modules"]))
+        except ValueError as err:
+            raise UserError(f"{path}:{getattr(err, 'lineno', 1)}: not valid JSON ({err})") from None
+        except (KeyError, TypeError) as err:
+            raise UserError(f"{path}: needs r, lora_alpha and target_modules (a PEFT LoRA config); {err!r} is "
+                            "missing or wrong") from None
     ranks = {t.shape[0] for k, t in state.items() if "lora_A" in k}
     targets = sorted({k.split(".lora_A")[0].rsplit(".", 1)[-1] for k in state if "lora_A" in k})
     if len(ranks) != 1 or not targets:

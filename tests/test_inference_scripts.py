@@ -33,7 +33,8 @@ SHAPE = dict(hidden_size=64, num_layers=4, num_attention_heads=4, inner_hidden_s
 TITLES = ["轻薄笔记本电脑", "降噪蓝牙耳机，主动降噪，续航 8 小时", "smart watch", "便携咖啡机", "儿童学习桌 (可升降)",
           "空气炸锅 4.5 L", "yoga mat, extra thick", "电动牙刷", "保温杯", "机械键盘 with RGB backlight, 87 keys"]
 IDS = [f"p{i:02d}" for i in range(1, len(TITLES) + 1)]
-JOB = ["--template", "写一句广告语：{text}", "--max_new_tokens", "10", "--column", "title"]
+# fp32 pinned: every comparison here is exact ("auto" is bf16 on CPUs with native bf16).
+JOB = ["--template", "写一句广告语：{text}", "--max_new_tokens", "10", "--column", "title", "--dtype", "fp32"]
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +118,31 @@ def test_without_deepspeed_installed_the_job_runs_in_plain_pytorch(checkpoint, t
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == ("error: started with several ranks, but tensor parallelism needs DeepSpeed (not "
                                        "installed); run with python\n")
+
+
+@pytest.mark.parametrize("script", [chatglm_deepspeed_inference, chatglm_multi_gpu_inference],
+                         ids=lambda m: m.__name__)
+def test_batch_jobs_run_in_bf16_where_the_cpu_has_native_bf16(checkpoint, titles_csv, one_at_a_time, tmp_path,
+                                                             monkeypatch, script):
+    """The AMX branch, forced so that any CPU runs it: --dtype auto loads bf16 weights and the job completes. bf16
+    keeps 8 bits of mantissa, so answers may part from fp32's after a few tokens: each answer is checked to be there,
+    and most first tokens to agree."""
+    from glm_tune.batch_inference import BatchJob
+
+    monkeypatch.setenv("GLM_TUNE_FAST_BF16", "1")
+    dtypes, run = [], BatchJob.run
+
+    def run_recording_dtype(self, model, *args, **kwargs):
+        dtypes.append(model.dtype)
+        return run(self, model, *args, **kwargs)
+
+    monkeypatch.setattr(BatchJob, "run", run_recording_dtype)
+    out = tmp_path / "bf16.jsonl"
+    script.main(["--model_name_or_path", str(checkpoint), "--input", str(titles_csv), "--output", str(out),
+                 *JOB, "--dtype", "auto"])
+    answers = read_output(out)
+    assert dtypes == [torch.bfloat16] and list(answers) == IDS and all(answers.values())
+    assert sum(answers[i][:1] == one_at_a_time[i][:1] for i in IDS) >= 7
 
 
 def test_killed_job_resumes_without_losing_or_repeating_a_row(checkpoint, tmp_path):
@@ -214,11 +240,17 @@ def test_model_split_over_cpu_and_disk_gives_the_unsplit_models_tokens(checkpoin
     lora = ["--lora_path", str(adapter)] if with_adapter else []
     unsplit = run_job(chatglm_multi_gpu_inference, checkpoint, titles_csv, tmp_path / "unsplit.jsonl", *lora)
     assert "the whole model runs on the CPU" in capsys.readouterr().out
-    # 1.8 MB holds the embeddings (1 MB) and two of the four blocks (0.2 MB each); the rest goes to disk.
+    # Room for the embeddings and two of the four blocks (in the dtype the job uses, fp32), and the two blocks' worth
+    # that accelerate keeps free to load offloaded layers into: the other two blocks and the final layer norm go to
+    # disk.
+    model = ChatGLMForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32)
+    size = lambda module: sum(p.numel() * p.element_size() for p in module.parameters())  # noqa: E731
+    block = size(model.transformer.layers[0])
+    budget = size(model.transformer.word_embeddings) + 4 * block
     split = run_job(chatglm_multi_gpu_inference, checkpoint, titles_csv, tmp_path / "split.jsonl", *lora,
-                    "--max_memory", "cpu=1800000", "--offload_folder", str(tmp_path / "offload"))
+                    "--max_memory", f"cpu={budget}", "--offload_folder", str(tmp_path / "offload"))
     plan = capsys.readouterr().out
-    assert "device map: cpu: transformer.word_embeddings, lm_head, layers 0-1 | disk: " \
+    assert "device map: cpu: transformer.word_embeddings, lm_head, transformer.rotary_emb, layers 0-1 | disk: " \
            "transformer.final_layernorm, layers 2-3" in plan
     assert split == unsplit and len(set(split.values())) >= 8
 
@@ -261,7 +293,7 @@ def test_chat_cli_streams_answers_and_keeps_the_history(checkpoint, adapter):
     queries = ["你好", "介绍一下你自己", "clear", "hello, who are you?"]
     out = Writes()
     cli_chat.main(["--model_name_or_path", str(checkpoint), "--lora_path", str(adapter), "--no-do_sample",
-                   "--max_length", "40"], stdin=io.StringIO("\n".join(queries) + "\n"), out=out)
+                   "--max_length", "40", "--dtype", "fp32"], stdin=io.StringIO("\n".join(queries) + "\n"), out=out)
     turns = out.getvalue().split("\n用户：")[1:]
     answers = [t.removeprefix("\nChatGLM：").removesuffix("\n") for t in turns if t.startswith("\nChatGLM：")]
     assert "(new conversation)" in turns[2]

@@ -30,6 +30,8 @@ TIMEOUT = 300
 # Same order of float operations is not guaranteed across backends (bucketed all-reduce, partitioned optimizers):
 # curves must agree to 1e-4 relative; a resumed run must repeat the uninterrupted one to 1e-5.
 CURVE_RTOL, RESUME_RTOL = 1e-4, 1e-5
+# The seed's commands say --fp16; on a CPU that becomes fp32 or bf16 by the CPU's kind. Exact comparisons pin fp32.
+AVX2_CPU, AMX_CPU = {"GLM_TUNE_FAST_BF16": "0"}, {"GLM_TUNE_FAST_BF16": "1"}
 
 
 def free_port():
@@ -61,7 +63,7 @@ def setup(make_checkpoint, tmp_path_factory):
     flags = ["--model_name_or_path", str(model), "--dataset_path", str(folder / "train.jsonl"),
              "--max_seq_length", "64", "--lora_rank", "4", "--lora_dropout", "0", "--learning_rate", "1e-3",
              "--max_steps", "6", "--save_steps", "3", "--logging_steps", "1", "--report_to", "none",
-             "--disable_tqdm", "true", "--seed", "7"]
+             "--disable_tqdm", "true", "--seed", "7", "--dtype", "fp32"]  # exactness is an fp32 claim
     return model, folder, flags
 
 
@@ -121,12 +123,12 @@ def test_one_process_run_writes_its_outputs_logs_and_memory_report(one_process):
     assert (out / "checkpoint-3" / "training_state.json").is_file() and not list(out.glob("*.partial"))
 
 
-def resume_run(prefix, flags, full, tmp_path, *extra):
+def resume_run(prefix, flags, full, tmp_path, *extra, env=None):
     """Copy a finished run's checkpoint-3 alone into a fresh folder and resume it there with `latest`."""
     out = tmp_path / "resumed"
     out.mkdir()
     shutil.copytree(full / "checkpoint-3", out / "checkpoint-3")
-    result = launch(prefix, SCRIPT, flags, out, "--resume_from_checkpoint", "latest", *extra)
+    result = launch(prefix, SCRIPT, flags, out, "--resume_from_checkpoint", "latest", *extra, env=env)
     assert f"resumed from {out / 'checkpoint-3'}: step 3" in result.stdout
     return out
 
@@ -203,15 +205,15 @@ def test_seed_deepspeed_command_zero2_offload_equals_trainer_and_resumes(setup, 
     _, _, flags = setup
     flags = [*flags, "--per_device_train_batch_size", "1", "--fp16"]
     ours, trainer = tmp_path / "ours", tmp_path / "trainer"
-    result = launch(torchrun(), SCRIPT, flags, ours, "--deepspeed", "ds_config_zero3.json")
+    result = launch(torchrun(), SCRIPT, flags, ours, "--deepspeed", "ds_config_zero3.json", env=AVX2_CPU)
     assert "DeepSpeed ZeRO-2" in result.stdout
     if not torch.cuda.is_available():
         assert "training on this CPU in fp32" in result.stdout + result.stderr
-    launch(torchrun(), "finetune.py", flags, trainer, "--deepspeed", "ds_config_zero3.json")
+    launch(torchrun(), "finetune.py", flags, trainer, "--deepspeed", "ds_config_zero3.json", env=AVX2_CPU)
     assert_close_curves(losses(ours), losses(trainer, "trainer_state.json"), CURVE_RTOL)
     assert_same_adapter(adapter(ours), adapter(trainer), atol=1e-5)
 
-    resumed = resume_run(torchrun(), flags, ours, tmp_path, "--deepspeed", "ds_config_zero3.json")
+    resumed = resume_run(torchrun(), flags, ours, tmp_path, "--deepspeed", "ds_config_zero3.json", env=AVX2_CPU)
     assert_close_curves(losses(resumed), losses(ours), RESUME_RTOL)
     assert_same_adapter(adapter(resumed), adapter(ours), atol=1e-6)
 
@@ -224,7 +226,7 @@ def test_seed_accelerate_command_zero3_cpu_offload(setup, one_process, tmp_path)
     one_process, _ = one_process
     out = tmp_path / "out"
     result = launch(accelerate_launch(ROOT / "accelerate_ds_zero3_cpu_offload_config.yaml"), SCRIPT,
-                    [*flags, "--per_device_train_batch_size", "1", "--fp16"], out)
+                    [*flags, "--per_device_train_batch_size", "1", "--fp16"], out, env=AVX2_CPU)
     assert "2 process(es)" in result.stdout and "DeepSpeed ZeRO-3" in result.stdout
     assert_close_curves(losses(out), losses(one_process), CURVE_RTOL)
     assert_same_adapter(adapter(out), adapter(one_process), atol=1e-5)
@@ -235,6 +237,30 @@ def test_seed_accelerate_command_zero3_cpu_offload(setup, one_process, tmp_path)
     assert_same_adapter(adapter(out), gathered, atol=0)
     # checkpoints hold the trainable tensors, not a copy of the frozen model
     assert sum(f.stat().st_size for f in (out / "checkpoint-6").rglob("*") if f.is_file()) < 2_000_000
+
+
+def test_seed_accelerate_command_on_cpus_with_native_bf16_trains_in_bf16(setup, one_process, tmp_path):
+    """The same command where the CPU has native bf16 (AMX; forced here so that any CPU runs this branch): fp16 becomes
+    bf16, weights ("auto") and DeepSpeed's mixed precision alike, instead of transformers refusing bf16 on a CPU. The
+    curve stays within 3% of the fp32 one (bf16 keeps 8 bits of mantissa); the adapters stay fp32 over the bf16 base
+    weights (PEFT), and the saved one is DeepSpeed's reconstruction of them."""
+    _, _, flags = setup
+    one_process, _ = one_process
+    out = tmp_path / "out"
+    result = launch(accelerate_launch(ROOT / "accelerate_ds_zero3_cpu_offload_config.yaml"), SCRIPT,
+                    [*flags, "--per_device_train_batch_size", "1", "--fp16", "--dtype", "auto"], out, env=AMX_CPU)
+    assert "note: fp16 needs a CUDA GPU; training on this CPU in bf16 instead" in result.stderr
+    assert "DeepSpeed ZeRO-3" in result.stdout
+    got, want = losses(out), losses(one_process)
+    assert sorted(got) == sorted(want) and got != want  # another precision really ran
+    assert_close_curves(got, want, 0.03)
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    saved = adapter(out)
+    gathered = get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoint-6"))
+    gathered = {k.replace(".default", ""): v for k, v in gathered.items() if "lora_" in k}
+    assert all(t.dtype == torch.float32 for t in saved.values())
+    assert_same_adapter(saved, gathered, atol=0)
 
 
 def test_a_dead_rank_ends_the_run_with_the_failure_named(setup, tmp_path):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import streamlit as st
 
+from glm_tune.arguments import add_model_arguments, add_sampling_arguments
 from glm_tune.errors import UserError
 from glm_tune.lora import SEED_FILE
 
@@ -37,6 +38,7 @@ class ServerConfig:
     adapters: tuple  # adapter paths (str): every --lora_path, then those found under --lora_dir
     default_adapter: str | None
     data_dir: Path | None
+    revision: str | None  # of every hub id among `models`
     dtype: str
     max_length: int
     temperature: float
@@ -47,12 +49,7 @@ def parse_args(argv, page, with_data_dir=False):
     """`streamlit run webui/PAGE.py -- [flags]` -> ServerConfig; bad flags raise UserError."""
     parser = _Parser(prog=page, description="ChatGLM web page; flags go after `--`: "
                                             f"streamlit run webui/{page} -- --lora_path output")
-    parser.add_argument("--model_name_or_path", action="append", default=[],
-                        help="base checkpoint folder; repeat to offer several in the sidebar (default: the embedded "
-                             "small model)")
-    parser.add_argument("--lora_path", action="append", default=[],
-                        help="an adapter (finetune.py output folder, PEFT folder or chatglm-lora.pt); repeatable; the "
-                             "first is selected at start")
+    add_model_arguments(parser, repeatable=True)
     parser.add_argument("--lora_dir", default=None,
                         help=f"folder whose adapters (up to two levels down) the sidebar offers (default: "
                              f"{DEFAULT_LORA_DIR.relative_to(REPO_ROOT)}/ when it exists)")
@@ -60,11 +57,7 @@ def parse_args(argv, page, with_data_dir=False):
         parser.add_argument("--data_dir", default=str(DEFAULT_DATA_DIR),
                             help="folder for dataset.jsonl, preferences.jsonl and generations.jsonl (default: "
                                  f"{DEFAULT_DATA_DIR.relative_to(REPO_ROOT)})")
-    parser.add_argument("--dtype", default="auto", help="auto, fp32, bf16 or fp16")
-    parser.add_argument("--max_length", type=int, default=2048,
-                        help="initial max length (prompt + answer tokens)")
-    parser.add_argument("--temperature", type=float, default=0.95, help="initial temperature (0: greedy)")
-    parser.add_argument("--top_p", type=float, default=0.7, help="initial top_p")
+    add_sampling_arguments(parser, max_length=True)
     args = parser.parse_args(argv)
     if args.max_length < 1 or not 0 <= args.temperature <= 2 or not 0 < args.top_p <= 1:
         raise UserError(f"{page}: need --max_length >= 1, 0 <= --temperature <= 2 and 0 < --top_p <= 1")
@@ -77,6 +70,7 @@ def parse_args(argv, page, with_data_dir=False):
         adapters=tuple(adapters),
         default_adapter=args.lora_path[0] if args.lora_path else None,
         data_dir=Path(args.data_dir) if with_data_dir else None,
+        revision=args.revision,
         dtype=args.dtype,
         max_length=args.max_length,
         temperature=args.temperature,
@@ -109,15 +103,19 @@ def page_config(title, page, with_data_dir=False):
 
 
 @st.cache_resource(max_entries=1, show_spinner="Loading the model (once per server)…")
-def load_model(model_name_or_path, lora_path, dtype):
+def load_model(model_name_or_path, lora_path, dtype, revision=None):
     """(model, tokenizer), shared by every session of this server. One entry: switching models frees the last one."""
     from glm_tune.loading import load_model_and_tokenizer
 
     start = time.perf_counter()
-    model, tokenizer = load_model_and_tokenizer(model_name_or_path, lora_path, dtype)
+    model, tokenizer = load_model_and_tokenizer(model_name_or_path, lora_path, dtype, revision=revision)
     LOADS.append((model_name_or_path, lora_path))
     print(f"webui: loaded {model_name_or_path or EMBEDDED} with adapter {lora_path or 'none'} in "
           f"{time.perf_counter() - start:.1f} s", flush=True)
+    if model_name_or_path is None:  # streamlit replays this on every later call that the cache answers
+        st.info("This is the embedded small demo model (random weights, for demos and tests): its answers mean "
+                "nothing. For a real model start the server with `-- --model_name_or_path THUDM/chatglm-6b` (or a "
+                "local chatglm-6b folder).", icon="ℹ️")
     return model, tokenizer
 
 
@@ -161,9 +159,9 @@ def sidebar_settings(config):
     )
 
 
-def stream_answer(model_choice, query, history, settings, dtype, placeholder):
+def stream_answer(model_choice, query, history, settings, config, placeholder):
     """Load (or reuse) the chosen model, stream its answer to `query` into `placeholder`; -> (answer, seconds)."""
-    model, tokenizer = load_model(*model_choice, dtype)
+    model, tokenizer = load_model(*model_choice, config.dtype, config.revision)
     start = time.perf_counter()
     answer = ""
     for answer, _ in model.stream_chat(tokenizer, query, history, **settings.chat_kwargs()):

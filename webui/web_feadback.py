@@ -55,7 +55,7 @@ def evaluate_page(config, store):
             if not instruction.strip():
                 raise UserError("write an instruction first")
             prompt = training_prompt(instruction, input_text)
-            answer, seconds = stream_answer(model_choice, prompt, [], settings, config.dtype, answer_box)
+            answer, seconds = stream_answer(model_choice, prompt, [], settings, config, answer_box)
         except UserError as err:
             st.error(f"error: {err}")
             return

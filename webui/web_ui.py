@@ -24,7 +24,7 @@ for question, answer in history:
 if question := st.chat_input("Ask ChatGLM", key="question"):
     st.chat_message("user").markdown(question)
     try:
-        answer, seconds = stream_answer(model_choice, question, list(history), settings, config.dtype,
+        answer, seconds = stream_answer(model_choice, question, list(history), settings, config,
                                         st.chat_message("assistant").empty())
     except UserError as err:
         st.error(f"error: {err}")
