@@ -253,3 +253,38 @@ def test_a_run_killed_with_sigkill_does_not_block_the_next_one(job, tmp_path):
     assert rerun.returncode == 0, err[-3000:]
     assert sorted(output_ids(output)) == IDS  # resumed: every id once
     assert not lock_path(output).exists()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("launcher", ["python", "torchrun"])
+@pytest.mark.parametrize("script", ["finetune.py", "multi_gpu_fintune_belle.py"])
+def test_a_training_run_refuses_an_output_dir_in_use_on_every_rank(make_checkpoint, tmp_path, script, launcher):
+    """A second training run on a busy --output_dir stops before it trains, naming the holder; under torchrun rank 0
+    holds the lock and every rank stops (no rank waits on the others until a timeout)."""
+    out = tmp_path / "out"
+    holder = start_holder(out)
+    model = make_checkpoint("v1.1", ("safetensors",), hidden_size=64, num_layers=2, num_attention_heads=4,
+                            inner_hidden_size=128)
+    prefix = [sys.executable] if launcher == "python" else [
+        str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node=2", f"--master_port={_free_port()}"]
+    try:
+        started = time.monotonic()
+        result = subprocess.run([*prefix, script, "--model_name_or_path", str(model), "--output_dir", str(out),
+                                 "--max_steps", "1", "--report_to", "none"], cwd=ROOT, capture_output=True, text=True,
+                                timeout=300)
+        took = time.monotonic() - started
+    finally:
+        holder.kill()
+        holder.wait()
+    assert result.returncode != 0 and took < 120
+    # one line, the same from every rank (torchrun itself then reports the failed ranks)
+    [line] = {line for line in (result.stdout + result.stderr).splitlines() if line.startswith("error: ")}
+    assert line.startswith(f"error: --output_dir {out}: in use by pid {holder.pid} on {socket.gethostname()} since ")
+    if launcher == "python":
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert not out.exists() or not any(out.iterdir())  # nothing trained, nothing written
