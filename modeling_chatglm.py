@@ -15,22 +15,20 @@ Positions are counted from each row's first real token, so left padding changes 
 positions are derived here from `input_ids` and the 2D padding mask: callers never build per-sample L x L tensors.
 """
 
+import queue
 import re
+import threading
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import DynamicCache
-from transformers.generation.logits_process import (
-    LogitsProcessorList,
-    RepetitionPenaltyLogitsProcessor,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
+from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.utils.deprecation import deprecate_kwarg
 
 try:  # loaded from a checkpoint folder by trust_remote_code
     from .configuration_chatglm import ChatGLMConfig
@@ -72,20 +70,40 @@ def get_position_ids(input_ids, config, attention_mask=None):
     return torch.stack((position, block), dim=1)
 
 
-def build_attention_mask(key_real, query_start, query_len, prompt_len, prefix_len=0):
-    """Boolean SDPA mask [batch, 1, q, prefix + keys]: True where a query may attend.
+def sdpa_attention_mask(config, inputs_embeds, input_ids=None, attention_mask=None, past_len=0, prefix_len=0):
+    """Boolean SDPA mask [batch, 1, new, prefix + past + new], True where a query may attend; None where SDPA needs none
+    (its own causal mask is exact, or a single new token sees every key).
 
-    key j is visible to query i when it is a real token and either j <= i (causal) or j < prompt_len (the
-    bidirectional prompt before `<sop>`). P-Tuning prefix keys are visible to all.
+    `attention_mask` is the 2D padding mask over past and new tokens, or the official collators' dense mask
+    [batch, 1, L, L] (True = hidden). Key j is visible to query i when it is a real token and either j <= i (causal)
+    or j lies in the bidirectional prompt before `<sop>`; P-Tuning prefix keys are visible to every query.
     """
-    n_keys = key_real.shape[-1]
-    k = torch.arange(n_keys, device=key_real.device)
-    q = torch.arange(query_start, query_start + query_len, device=key_real.device)
+    batch, length, device = *inputs_embeds.shape[:2], inputs_embeds.device
+    if attention_mask is not None and attention_mask.dim() == 4:
+        allowed = ~attention_mask.to(device=device, dtype=torch.bool)
+        return F.pad(allowed, (prefix_len, 0), value=True) if prefix_len else allowed
+
+    if attention_mask is None:
+        key_real = torch.ones(batch, past_len + length, dtype=torch.bool, device=device)
+    else:
+        key_real = attention_mask.to(device=device, dtype=torch.bool)
+    if past_len == 0 and input_ids is not None:
+        sop, _ = locate_prompt(input_ids, config, key_real)
+        prompt_len = torch.where(sop < length, sop, 0)  # no <sop>: plain causal
+    else:  # every new token lies after <sop>: the prompt is in the cache, causal suffices
+        prompt_len = torch.zeros(batch, dtype=torch.long, device=device)
+    if past_len == 0 and not prefix_len and bool(key_real.all()) and not bool(prompt_len.any()):
+        return None  # plain causal: SDPA's is_causal
+
+    k = torch.arange(past_len + length, device=device)
+    q = torch.arange(past_len, past_len + length, device=device)
     allowed = (k[None, None, :] <= q[None, :, None]) | (k[None, None, :] < prompt_len[:, None, None])
     # A padding query may see nothing; letting every query see itself keeps softmax finite. Real outputs unchanged.
     allowed = (allowed & key_real[:, None, :]) | (k[None, None, :] == q[None, :, None])
     if prefix_len:
         allowed = F.pad(allowed, (prefix_len, 0), value=True)
+    if length == 1 and bool(allowed.all()):
+        return None
     return allowed[:, None]
 
 
@@ -93,9 +111,9 @@ def build_attention_mask(key_real, query_start, query_len, prompt_len, prefix_le
 # Rotary encoding
 
 
-def rope_inv_freq(rot_dim, base=10000.0):
+def rope_inv_freq(rot_dim, base=10000.0, device=None):
     # The official code stores these frequencies in float16; keep that rounding so fp32 logits match it exactly.
-    inv_freq = 1.0 / base ** (torch.arange(0, rot_dim, 2, dtype=torch.float32) / rot_dim)
+    inv_freq = 1.0 / base ** (torch.arange(0, rot_dim, 2, dtype=torch.float32, device=device) / rot_dim)
     return inv_freq.half().float()
 
 
@@ -105,23 +123,37 @@ def rotate_halves(x):
     return torch.stack((-x[..., 1, :], x[..., 0, :]), dim=-2).flatten(-3)
 
 
-class RotaryEmbedding(nn.Module):
-    """cos / sin tables for 2D rotary encoding: the first half of a head turns with the position id, the second half
-    with the block position id. `inv_freq` is a buffer only so the official checkpoints' keys have a home; like the
-    official code, the frequencies are recomputed rather than read back (a bf16 copy would be too coarse)."""
+def apply_rotary(x, cos, sin):
+    return x * cos + rotate_halves(x) * sin
 
-    def __init__(self, head_dim):
+
+class RotaryEmbedding(nn.Module):
+    """cos / sin tables for 2D rotary encoding, computed once per forward for every layer: the first half of a head
+    turns with the position id, the second half with the block position id.
+
+    The frequencies are recomputed in fp32 at each call rather than kept in a buffer: a buffer would follow
+    `model.to(bfloat16)`, and bf16 frequencies are too coarse for long positions (the official code does the same)."""
+
+    def __init__(self, config):
         super().__init__()
-        self.rot_dim = head_dim // 2
-        self.register_buffer("inv_freq", rope_inv_freq(self.rot_dim))
+        self.rot_dim = config.head_dim // 2
 
     def forward(self, position_ids, dtype):
-        inv_freq = rope_inv_freq(self.rot_dim).to(position_ids.device)
+        inv_freq = rope_inv_freq(self.rot_dim, device=position_ids.device)
         inv_freq = torch.cat((inv_freq, inv_freq))
         # [batch, 2, length, rot_dim] -> [batch, length, head_dim]: position half, then block half
         angles = (position_ids[..., None].float() * inv_freq).transpose(1, 2).flatten(-2)
         # broadcast over heads and over the (q, k) pair: [batch, length, 1, 1, head_dim]
         return angles.cos().to(dtype)[:, :, None, None], angles.sin().to(dtype)[:, :, None, None]
+
+
+class CheckpointRotaryBuffer(nn.Module):
+    """Home of the official checkpoints' per-layer `attention.rotary_emb.inv_freq`, so that they load and save without
+    missing or unexpected keys. Never read: ChatGLMModel.rotary_emb computes the angles for all layers."""
+
+    def __init__(self, head_dim):
+        super().__init__()
+        self.register_buffer("inv_freq", rope_inv_freq(head_dim // 2))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -134,17 +166,15 @@ class SelfAttention(nn.Module):
         self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
-        self.rotary_emb = RotaryEmbedding(self.head_dim)
+        self.rotary_emb = CheckpointRotaryBuffer(self.head_dim)
         # Official layout of the fused projection: per head, [q | k | v] consecutive.
         self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size)
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
 
-    def forward(self, x, rope, attn_mask, cache=None, prefix_key=None, prefix_value=None):
+    def forward(self, x, rope, attn_mask=None, prefix_key=None, prefix_value=None, cache=None):
         batch, length, _ = x.shape
         qkv = self.query_key_value(x).view(batch, length, self.num_heads, 3, self.head_dim)
-        cos, sin = rope
-        qk = qkv[..., :2, :]
-        qk = qk * cos + rotate_halves(qk) * sin
+        qk = apply_rotary(qkv[..., :2, :], *rope)
         q, k, v = (t.transpose(1, 2) for t in (qk[..., 0, :], qk[..., 1, :], qkv[..., 2, :]))  # [b, heads, len, d]
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
@@ -181,9 +211,9 @@ class GLMBlock(GradientCheckpointingLayer):
         # GLM's deep-norm style residual: the layer-normed input, scaled by sqrt(2 * num_layers), is the residual.
         self.alpha = (2 * config.num_layers) ** 0.5
 
-    def forward(self, hidden_states, prefix_key=None, prefix_value=None, rope=None, attn_mask=None, cache=None):
+    def forward(self, hidden_states, rope, attn_mask=None, prefix_key=None, prefix_value=None, cache=None):
         x = self.input_layernorm(hidden_states)
-        h = x * self.alpha + self.attention(x, rope, attn_mask, cache, prefix_key, prefix_value)
+        h = x * self.alpha + self.attention(x, rope, attn_mask, prefix_key, prefix_value, cache=cache)
         x = self.post_attention_layernorm(h)
         return x * self.alpha + self.mlp(x)
 
@@ -221,9 +251,9 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module):
         super()._init_weights(module)
-        if isinstance(module, RotaryEmbedding):
+        if isinstance(module, CheckpointRotaryBuffer):
             with torch.no_grad():
-                module.inv_freq.copy_(rope_inv_freq(module.rot_dim))
+                module.inv_freq.copy_(rope_inv_freq(module.inv_freq.shape[0] * 2))
 
 
 class ChatGLMModel(ChatGLMPreTrainedModel):
@@ -235,6 +265,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
                 "store packed weights this implementation does not read; use the fp16 checkpoint"
             )
         self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.rotary_emb = RotaryEmbedding(config)
         self.layers = nn.ModuleList(GLMBlock(config, i) for i in range(config.num_layers))
         self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
         self.pre_seq_len = config.pre_seq_len
@@ -258,63 +289,34 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         kv = kv.permute(1, 2, 0, 3)[:, None]  # [layers*2, 1, heads, pre_seq_len, d]
         return [(kv[2 * i], kv[2 * i + 1]) for i in range(cfg.num_layers)]
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
-        self,
-        input_ids=None,
-        attention_mask=None,
-        position_ids=None,
-        cache=None,
-        inputs_embeds=None,
-        use_cache=None,
-        past_key_values=None,
+        self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None, use_cache=None,
         **kwargs,
     ):
-        cache = cache if cache is not None else past_key_values
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         if inputs_embeds is None:
             inputs_embeds = self.word_embeddings(input_ids)
-        batch, length = inputs_embeds.shape[:2]
         past = cache.get_seq_length() if cache is not None else 0
-        device = inputs_embeds.device
-
-        if attention_mask is not None and attention_mask.dim() == 4:
-            # The official collators' dense mask (True = hidden); accepted for old data pipelines.
-            attn_mask = ~attention_mask.to(device=device, dtype=torch.bool)
-            if self.pre_seq_len:
-                attn_mask = F.pad(attn_mask, (self.pre_seq_len, 0), value=True)
-            attention_mask = None
-        else:
-            if attention_mask is None:
-                attention_mask = torch.ones(batch, past + length, dtype=torch.bool, device=device)
-            key_real = attention_mask.to(device=device, dtype=torch.bool)
-            if past == 0 and input_ids is not None:
-                sop, _ = locate_prompt(input_ids, self.config, key_real)
-                prompt_len = torch.where(sop < length, sop, 0)  # no <sop>: plain causal
-            else:  # every new token lies after <sop>: the prompt is in the cache, causal suffices
-                prompt_len = torch.zeros(batch, dtype=torch.long, device=device)
-            causal_only = bool(key_real.all()) and not bool(prompt_len.any()) and past == 0
-            attn_mask = None if causal_only and not self.pre_seq_len else build_attention_mask(
-                key_real, past, length, prompt_len, self.pre_seq_len or 0
-            )
-            if attn_mask is not None and length == 1 and bool(attn_mask.all()):
-                attn_mask = None
+        prefix_len = self.pre_seq_len or 0
+        attn_mask = sdpa_attention_mask(self.config, inputs_embeds, input_ids, attention_mask, past, prefix_len)
 
         if position_ids is None:
             if past:
                 raise ValueError("position_ids are required when decoding with a cache (generate() supplies them)")
             if input_ids is None:
                 raise ValueError("position_ids are required with inputs_embeds")
-            position_ids = get_position_ids(input_ids, self.config, attention_mask)
-        rope = self.layers[0].attention.rotary_emb(position_ids.to(device), inputs_embeds.dtype)
+            padding = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+            position_ids = get_position_ids(input_ids, self.config, padding)
+        rope = self.rotary_emb(position_ids.to(inputs_embeds.device), inputs_embeds.dtype)
 
         prefixes = self.prefix_key_values(inputs_embeds.dtype) if self.pre_seq_len else [(None, None)] * len(self.layers)
         hidden_states = inputs_embeds
         for layer, (prefix_key, prefix_value) in zip(self.layers, prefixes):
-            hidden_states = layer(
-                hidden_states, prefix_key, prefix_value, rope=rope, attn_mask=attn_mask, cache=cache
-            )
+            # prefixes go positionally: reentrant gradient checkpointing only passes gradients through positional args
+            hidden_states = layer(hidden_states, rope, attn_mask, prefix_key, prefix_value, cache=cache)
         hidden_states = self.final_layernorm(hidden_states)
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache if use_cache else None)
 
@@ -341,6 +343,46 @@ def clean_response(text):
     return text
 
 
+class TokenQueueStreamer(BaseStreamer):
+    """generate()'s streamer when generate() runs in a thread of its own: each step's new tokens [batch] go on a queue
+    that the consumer iterates. The generating thread ends the queue with end() or, if it failed, with fail(error),
+    which the consumer re-raises."""
+
+    _END = object()
+
+    def __init__(self):
+        self.queue = queue.Queue()
+        self.prompt_seen = False
+
+    def put(self, value):
+        if not self.prompt_seen:  # generate() hands over the prompt first
+            self.prompt_seen = True
+            return
+        self.queue.put(value)
+
+    def end(self):
+        self.queue.put(self._END)
+
+    def fail(self, error):
+        self.queue.put(error)
+
+    def __iter__(self):
+        while (item := self.queue.get()) is not self._END:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+
+class StopOnEvent(StoppingCriteria):
+    """Ends generate() at its next step once `event` is set (the consumer of a stream stopped reading)."""
+
+    def __init__(self, event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
 class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "transformer.word_embeddings.weight"}
     accepts_loss_kwargs = True  # forward honours num_items_in_batch (Trainer then does not divide by accumulation)
@@ -361,6 +403,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value):
         self.lm_head = value
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids=None,
@@ -371,7 +414,6 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         labels=None,
         use_cache=None,
         logits_to_keep=0,
-        past_key_values=None,
         return_dict=None,
         **kwargs,
     ):
@@ -379,7 +421,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=cache if cache is not None else past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
         )
@@ -415,82 +457,72 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         inputs["position_ids"] = get_position_ids(input_ids, self.config, attention_mask)[..., -new:]
         return inputs
 
-    @torch.inference_mode()
-    def stream_generate(
-        self,
-        input_ids,
-        attention_mask=None,
-        max_new_tokens=256,
-        do_sample=True,
-        temperature=0.95,
-        top_p=0.7,
-        top_k=0,
-        repetition_penalty=1.0,
-        eos_token_id=None,
-    ):
-        """Yields the growing sequences [batch, length] after every new token (KV cache, same math as generate)."""
-        eos = eos_token_id if eos_token_id is not None else self.generation_config.eos_token_id
-        eos = torch.tensor(eos if isinstance(eos, (list, tuple)) else [eos], device=input_ids.device)
-        processors = LogitsProcessorList()
-        if repetition_penalty != 1.0:
-            processors.append(RepetitionPenaltyLogitsProcessor(repetition_penalty))
-        if do_sample:
-            processors.append(TemperatureLogitsWarper(temperature))
-            if top_k:
-                processors.append(TopKLogitsWarper(top_k))
-            if top_p < 1.0:
-                processors.append(TopPLogitsWarper(top_p))
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        cache = DynamicCache(config=self.config)
-        step_ids, done = input_ids, torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        for _ in range(max_new_tokens):
-            positions = get_position_ids(input_ids, self.config, attention_mask)[..., -step_ids.shape[1] :]
-            out = self(step_ids, attention_mask, positions, cache=cache, use_cache=True, logits_to_keep=1)
-            scores = processors(input_ids, out.logits[:, -1].float())
-            if do_sample:
-                next_ids = torch.multinomial(scores.softmax(-1), 1).squeeze(1)
-            else:
-                next_ids = scores.argmax(-1)
-            next_ids = torch.where(done, self.generation_config.pad_token_id or eos[0], next_ids)
-            input_ids = torch.cat((input_ids, next_ids[:, None]), dim=-1)
-            attention_mask = torch.cat((attention_mask, torch.ones_like(next_ids[:, None])), dim=-1)
-            step_ids = next_ids[:, None]
-            done |= torch.isin(next_ids, eos)
-            yield input_ids
-            if done.all():
-                break
+    def _stream_tokens(self, **generate_kwargs):
+        """generate(**generate_kwargs) in a thread of its own; yields each step's new tokens [batch] as they come.
 
-    def _chat_inputs(self, tokenizer, query, history):
-        return tokenizer([build_chat_prompt(query, history)], return_tensors="pt").to(self.device)
+        An exception in generate() is raised here. Closing this generator early (breaking out of the loop) stops
+        generate() at its next step; either way the thread is joined before this generator finishes."""
+        streamer, stop = TokenQueueStreamer(), threading.Event()
+        stopping = StoppingCriteriaList(generate_kwargs.pop("stopping_criteria", None) or [])
+        stopping.append(StopOnEvent(stop))
+
+        def run():
+            try:
+                with torch.inference_mode():
+                    self.generate(**generate_kwargs, streamer=streamer, stopping_criteria=stopping)
+            except BaseException as error:  # handed to the consumer, which re-raises it
+                streamer.fail(error)
+
+        thread = threading.Thread(target=run, name="chatglm-generate", daemon=True)
+        thread.start()
+        try:
+            yield from streamer
+        finally:
+            stop.set()
+            thread.join()
+
+    def stream_generate(self, input_ids, attention_mask=None, max_new_tokens=256, do_sample=True, temperature=0.95,
+                        top_p=0.7, top_k=0, repetition_penalty=1.0, eos_token_id=None, **generate_kwargs):
+        """Yields the growing sequences [batch, length] after every new token: generate() with a streamer, so the
+        tokens are generate()'s own (KV cache, sampling, EOS handling)."""
+        sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k) if do_sample else {}
+        sequences = input_ids
+        for tokens in self._stream_tokens(
+            input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
+            repetition_penalty=repetition_penalty, eos_token_id=eos_token_id, **sampling, **generate_kwargs,
+        ):
+            sequences = torch.cat((sequences, tokens[:, None].to(sequences.device)), dim=-1)
+            yield sequences
+
+    def _chat_generate_kwargs(self, tokenizer, query, history, max_length, do_sample, top_p, temperature, **kwargs):
+        """generate()'s arguments for one chat turn; chat() and stream_chat() share them, so their answers agree."""
+        inputs = tokenizer([build_chat_prompt(query, history)], return_tensors="pt").to(self.device)
+        sampling = dict(top_p=top_p, temperature=temperature) if do_sample else {}
+        max_new_tokens = max(1, max_length - inputs["input_ids"].shape[1])
+        return dict(**inputs, max_new_tokens=max_new_tokens, do_sample=do_sample, **sampling, **kwargs)
 
     @torch.inference_mode()
     def chat(self, tokenizer, query, history=None, max_length=2048, num_beams=1, do_sample=True, top_p=0.7,
              temperature=0.95, **kwargs):
         """One answer to `query` given `history` [(query, answer), ...]; returns (answer, history + this turn)."""
         history = list(history or [])
-        inputs = self._chat_inputs(tokenizer, query, history)
-        prompt_len = inputs["input_ids"].shape[1]
-        sampling = dict(top_p=top_p, temperature=temperature) if do_sample else {}
-        output = self.generate(
-            **inputs, max_new_tokens=max(1, max_length - prompt_len), num_beams=num_beams, do_sample=do_sample,
-            **sampling, **kwargs,
-        )
-        response = clean_response(tokenizer.decode(output[0, prompt_len:], skip_special_tokens=True))
+        generate_kwargs = self._chat_generate_kwargs(tokenizer, query, history, max_length, do_sample, top_p,
+                                                     temperature, num_beams=num_beams, **kwargs)
+        output = self.generate(**generate_kwargs)
+        answer_ids = output[0, generate_kwargs["input_ids"].shape[1]:]
+        response = clean_response(tokenizer.decode(answer_ids, skip_special_tokens=True))
         return response, history + [(query, response)]
 
-    @torch.inference_mode()
     def stream_chat(self, tokenizer, query, history=None, max_length=2048, do_sample=True, top_p=0.7,
                     temperature=0.95, **kwargs):
-        """Like chat(), yielding (partial answer, history with the partial turn) as tokens arrive."""
+        """Like chat(), yielding (partial answer, history with the partial turn) after every new token."""
         history = list(history or [])
-        inputs = self._chat_inputs(tokenizer, query, history)
-        prompt_len = inputs["input_ids"].shape[1]
-        for ids in self.stream_generate(
-            inputs["input_ids"], inputs["attention_mask"], max_new_tokens=max(1, max_length - prompt_len),
-            do_sample=do_sample, top_p=top_p, temperature=temperature, **kwargs,
-        ):
-            response = clean_response(tokenizer.decode(ids[0, prompt_len:], skip_special_tokens=True))
+        generate_kwargs = self._chat_generate_kwargs(tokenizer, query, history, max_length, do_sample, top_p,
+                                                     temperature, **kwargs)
+        answer_ids = []
+        for tokens in self._stream_tokens(**generate_kwargs):
+            answer_ids.append(int(tokens[0]))
+            response = clean_response(tokenizer.decode(answer_ids, skip_special_tokens=True))
             yield response, history + [(query, response)]
 
 

@@ -2,6 +2,9 @@
 cached vs uncached, batched (left-padded) vs single, streamed vs generate(), checkpointed vs plain gradients,
 derived masks vs the official dense mask, fp32 vs half precision."""
 
+import threading
+import time
+
 import pytest
 import torch
 
@@ -120,11 +123,78 @@ def test_stream_generate_matches_generate_and_stops_at_eos(model):
     ids, mask = left_pad(PROMPTS)
     steps = list(model.stream_generate(ids, mask, max_new_tokens=NEW, do_sample=False, eos_token_id=-1))
     assert len(steps) == NEW
+    assert all(torch.equal(a, b[:, :-1]) for a, b in zip(steps, steps[1:]))  # each step appends one column
     assert torch.equal(steps[-1][:, ids.shape[1]:], greedy(model, ids, mask))
     # make the third generated token of row 0 the EOS: streaming stops there for that row
     eos = int(steps[-1][0, ids.shape[1] + 2])
     stopped = list(model.stream_generate(ids[:1], mask[:1], max_new_tokens=NEW, do_sample=False, eos_token_id=eos))
     assert stopped[-1].shape[1] == ids.shape[1] + 3 and int(stopped[-1][0, -1]) == eos
+
+
+def test_stream_generate_samples_the_tokens_generate_samples_under_a_seed(model):
+    ids = torch.tensor([PROMPTS[2]])
+    sampling = dict(max_new_tokens=NEW, do_sample=True, top_p=0.9, temperature=1.3, top_k=0, eos_token_id=-1)
+    torch.manual_seed(7)
+    streamed = list(model.stream_generate(ids, **sampling))[-1]
+    torch.manual_seed(7)
+    assert torch.equal(streamed, model.generate(ids, **sampling))
+
+
+def generating_threads():
+    return [t for t in threading.enumerate() if t.name == "chatglm-generate"]
+
+
+def test_an_error_while_streaming_is_raised_to_the_reader_and_the_thread_is_joined(model):
+    calls = []
+
+    def fail_on_third_forward(module, args, kwargs):
+        calls.append(threading.current_thread().name)
+        if len(calls) == 3:
+            raise RuntimeError("forward failed on step 3")
+
+    handle = model.transformer.register_forward_pre_hook(fail_on_third_forward, with_kwargs=True)
+    try:
+        steps = []
+        with pytest.raises(RuntimeError, match="forward failed on step 3"):
+            for step in model.stream_generate(torch.tensor([PROMPTS[0]]), max_new_tokens=NEW, do_sample=False):
+                steps.append(step)
+    finally:
+        handle.remove()
+    assert len(steps) == 2 and calls == ["chatglm-generate"] * 3  # the two finished steps arrived first
+    assert not generating_threads()
+
+
+def test_closing_a_stream_early_stops_generation_and_joins_the_thread(model):
+    forwards = []
+
+    def slow_step(module, args, kwargs):  # 20 ms a step: 200 steps would take 4 s
+        forwards.append(1)
+        time.sleep(0.02)
+
+    handle = model.transformer.register_forward_pre_hook(slow_step, with_kwargs=True)
+    try:
+        stream = model.stream_generate(torch.tensor([PROMPTS[0]]), max_new_tokens=200, do_sample=False,
+                                       eos_token_id=-1)
+        start = time.perf_counter()
+        assert next(stream).shape[1] == len(PROMPTS[0]) + 1
+        next(stream)
+        stream.close()
+        elapsed = time.perf_counter() - start
+    finally:
+        handle.remove()
+    assert not generating_threads()
+    assert len(forwards) < 50 and elapsed < 2  # generate() stopped at its next step, not after 200
+
+
+def test_past_key_values_is_the_deprecated_name_of_cache(model):
+    ids = torch.tensor([PROMPTS[0] + [7]])
+    prefix = len(PROMPTS[0])
+    out = model(ids[:, :prefix], use_cache=True)
+    pos = get_position_ids(ids, model.config)[..., -1:]
+    with pytest.warns(FutureWarning, match="past_key_values"):
+        old_name = model(ids[:, prefix:], position_ids=pos, past_key_values=out.cache, use_cache=True)
+    assert old_name.cache is out.cache and out.cache.get_seq_length() == prefix + 1
+    torch.testing.assert_close(old_name.logits[:, -1], model(ids).logits[:, -1], atol=1e-5, rtol=0)
 
 
 def test_logits_to_keep_returns_the_last_positions(model):
@@ -179,18 +249,32 @@ def test_half_precision_forward_stays_within_tolerance_of_fp32(dtype, tol):
     assert (got - ref)[real].abs().max() <= tol * ref[real].abs().max()
 
 
-def test_chat_prompt_format_and_stream_chat_end_equals_chat(make_checkpoint):
-    assert build_chat_prompt("你好") == "你好"
-    assert build_chat_prompt("再见", [("你好", "你好！")]) == "[Round 0]\n问：你好\n答：你好！\n[Round 1]\n问：再见\n答："
+@pytest.fixture(scope="module")
+def chat_model(make_checkpoint):
     folder = make_checkpoint("v1.1", ("safetensors",), hidden_size=64, num_layers=2, num_attention_heads=4,
                              inner_hidden_size=128)
-    model = ChatGLMForConditionalGeneration.from_pretrained(folder).eval()
+    model = ChatGLMForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
     with torch.no_grad():
+        torch.manual_seed(0)
         model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight))  # untie: varied tokens
-    tokenizer = ChatGLMTokenizer.from_pretrained(folder)
+    return model, ChatGLMTokenizer.from_pretrained(folder)
+
+
+def test_chat_prompt_format():
+    assert build_chat_prompt("你好") == "你好"
+    assert build_chat_prompt("再见", [("你好", "你好！")]) == "[Round 0]\n问：你好\n答：你好！\n[Round 1]\n问：再见\n答："
+
+
+@pytest.mark.parametrize("do_sample", [False, True], ids=["greedy", "sampled"])
+def test_stream_chat_grows_prefixes_of_the_answer_and_ends_with_chats_answer(chat_model, do_sample):
+    model, tokenizer = chat_model
     history = [("你好", "你好！有什么可以帮你？")]
-    answer, new_history = model.chat(tokenizer, "介绍一下你自己", history, do_sample=False, max_length=64)
-    streamed = list(model.stream_chat(tokenizer, "介绍一下你自己", history, do_sample=False, max_length=64))
+    settings = dict(do_sample=do_sample, max_length=64, top_p=0.9, temperature=1.0)
+    torch.manual_seed(11)
+    answer, new_history = model.chat(tokenizer, "介绍一下你自己", history, **settings)
+    torch.manual_seed(11)
+    streamed = list(model.stream_chat(tokenizer, "介绍一下你自己", history, **settings))
     assert answer and streamed[-1] == (answer, new_history)
     assert new_history == history + [("介绍一下你自己", answer)]
-    assert len(streamed) > 1 and all(answer.startswith(part.rstrip()) for part, _ in streamed[:-1] if part)
+    assert len(streamed) > 1 and all(answer.startswith(part.rstrip()) for part, _ in streamed)
+    assert all(turns == history + [("介绍一下你自己", part)] for part, turns in streamed)
