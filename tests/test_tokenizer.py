@@ -14,19 +14,16 @@ import os
 import pickle
 import random
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from glm_tune.tokenizer_model import DEFAULT_CORPUS, train_ice_text_model
+from tokenization_chatglm import ChatGLMTokenizer
 
-from glm_tune.tokenizer_model import DEFAULT_CORPUS, train_ice_text_model  # noqa: E402
-from tokenization_chatglm import ChatGLMTokenizer  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 VOCAB = 4000  # text vocabulary of the tokenizer, in both revisions
 APPENDED = 344  # 8 specials + <|tab|> + 79 blanks + 256 bytes
