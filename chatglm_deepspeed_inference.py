@@ -72,5 +72,6 @@ def main(argv=None):
         print(summary)
     finish_distributed()
 
+
 if __name__ == "__main__":
     main()
