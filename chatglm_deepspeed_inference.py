@@ -20,11 +20,11 @@ import torch
 
 from glm_tune.batch_inference import BatchJob, add_job_arguments
 from glm_tune.deepspeed_inference import (
-    deepspeed_installed, describe_split, finish_distributed, init_inference, launcher_world_size,
-    setup_distributed)
+    deepspeed_installed, describe_split, init_inference, launcher_world_size, setup_distributed)
 from glm_tune.errors import UserError, exit_on_user_error
 from glm_tune.loading import load_model_and_tokenizer
 from glm_tune.locking import hold_output_lock, run_on_rank0
+from glm_tune.runtime import exit_multiprocess_run, finish_distributed
 
 
 def parse_args(argv=None):
@@ -70,7 +70,7 @@ def main(argv=None):
         sys.exit(2)  # rank 0 tells the user
     if rank == 0:
         print(summary)
-    finish_distributed()
+    exit_multiprocess_run()
 
 
 if __name__ == "__main__":

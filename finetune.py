@@ -20,6 +20,7 @@ from glm_tune.errors import exit_on_user_error
 from glm_tune.loading import load_tokenizer
 from glm_tune.locking import hold_output_lock
 from glm_tune.lora import lora_state_dict
+from glm_tune.runtime import exit_multiprocess_run
 from glm_tune.training import load_lora_model, write_run_outputs
 
 
@@ -63,6 +64,7 @@ def main(argv=None):
         if trainer.is_world_process_zero():
             write_run_outputs(train_args.output_dir, lora_state_dict(model), tokenizer, trainer.state.log_history,
                               model_args)
+    exit_multiprocess_run()
 
 
 if __name__ == "__main__":

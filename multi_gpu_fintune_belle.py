@@ -51,6 +51,7 @@ from glm_tune.errors import UserError, exit_on_user_error
 from glm_tune.loading import load_tokenizer, resolve_model_path
 from glm_tune.locking import hold_output_lock
 from glm_tune.memory import MemoryTracker
+from glm_tune.runtime import exit_multiprocess_run
 from glm_tune.training import load_lora_model, write_run_outputs
 
 
@@ -353,6 +354,7 @@ def main(argv=None):
         run = setup(model_args, data_args, lora_args, args, accelerator, tokenizer)
         train(run)
         finish(run, tokenizer, model_args)
+    exit_multiprocess_run()
 
 
 if __name__ == "__main__":

@@ -20,8 +20,8 @@ import torch
 from _common import generation_rows, report
 from bench_model import DIMS, PRESETS, bench_generate, build_model, make_config
 from glm_tune.deepspeed_inference import (
-    deepspeed_installed, finish_distributed, init_inference, setup_distributed)
-from glm_tune.runtime import DTYPE_CHOICES, parse_dtype
+    deepspeed_installed, init_inference, setup_distributed)
+from glm_tune.runtime import DTYPE_CHOICES, finish_distributed, parse_dtype
 
 
 def parse_args():

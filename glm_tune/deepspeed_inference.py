@@ -52,14 +52,6 @@ def setup_distributed():
     return torch.distributed.get_rank(), world
 
 
-def finish_distributed():
-    """Every rank waits for the others (rank 0 may still be writing), then the process group goes down on all of them
-    together: a rank that leaves early can abort at exit, and the launcher then kills the rest."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-
-
 def kernels_supported(model):
     """True when DeepSpeed has fused inference kernels for this model's blocks, and CUDA to run them."""
     from deepspeed.module_inject.auto_tp import AutoTP
