@@ -69,6 +69,9 @@ def save_checkpoint(model, accelerator, output_dir, step, training_state, save_t
     else:
         accelerator.save_state(partial)
     save_adapter(model, accelerator, partial)
+    # every process writes into the folder (its random_states_<rank>.pkl, its ZeRO partition): all must be done
+    # before the main process renames it, or a slower rank finds its folder gone
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_json(partial / STATE_FILE, training_state)
         shutil.rmtree(final, ignore_errors=True)

@@ -183,6 +183,9 @@ def test_two_processes_train_like_one_save_a_loadable_adapter_and_resume(backend
         assert torch.equal(state[name], tensor), name
     assert all(t.abs().sum() > 0 for n, t in seed_file.items() if "lora_B" in n)
     assert {p.name for p in full.glob("checkpoint-*")} == {"checkpoint-3", "checkpoint-6"}
+    for checkpoint in ("checkpoint-3", "checkpoint-6"):  # both ranks' shares are in it, written before the rename
+        assert {p.name for p in (full / checkpoint).glob("random_states_*.pkl")} == {"random_states_0.pkl",
+                                                                                   "random_states_1.pkl"}
 
     # resumed from checkpoint-3 (through another launcher), steps 4-6 and the final adapter repeat the full run
     resumed = resume_run(prefixes[resume_launcher], flags, full, tmp_path, *extra)
