@@ -21,6 +21,11 @@ else
 fi
 "$PYTHON" -m pip install -q -r requirements.txt
 "$PYTHON" -m pip install -q -e .
+# The application examples' libraries, with the installed torch pinned: none of them may swap it for another build.
+TORCH_PIN=$(mktemp)
+trap 'rm -f "$TORCH_PIN"' EXIT
+echo "torch==$("$PYTHON" -c 'import torch; print(torch.__version__)')" > "$TORCH_PIN"
+"$PYTHON" -m pip install -q -r APP_example/requirements.txt -c "$TORCH_PIN"
 
 # The web UI's browser test drives a headless chromium: Debian's, or one Playwright downloaded itself.
 playwright_chromium() {

@@ -27,3 +27,12 @@ def test_setup_installs_the_project_and_a_browser_and_is_valid_bash():
     assert "torch==2.13.0" in script and "-r requirements.txt" in script and "install -q -e ." in script
     assert "apt-get install -y -qq chromium" in script and "playwright install chromium" in script
     assert subprocess.run(["bash", "-n", str(ROOT / "setup.sh")]).returncode == 0
+
+
+def test_setup_installs_the_apps_libraries_without_replacing_torch():
+    script = (ROOT / "setup.sh").read_text()
+    assert '-r APP_example/requirements.txt -c "$TORCH_PIN"' in script  # the installed torch, pinned
+    names = {re.split(r"[<>=\s#]", line.strip())[0].lower() for line in
+             (ROOT / "APP_example/requirements.txt").read_text().splitlines() if line.strip()[:1].isalpha()}
+    assert {"langchain-core", "faiss-cpu", "sentence-transformers", "rank-bm25", "jieba", "pypdf"} <= names
+    assert not names & {"torch", "open-clip-torch", "timm", "torchvision"}  # packages that pull a CUDA torch
