@@ -25,6 +25,7 @@ from pydantic import ConfigDict, PrivateAttr
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from glm_tune.arguments import MAX_LENGTH, TEMPERATURE, TOP_P
+from glm_tune.errors import UserError
 from glm_tune.generation import input_device
 from modeling_chatglm import _FULL_WIDTH, build_chat_prompt, clean_response
 
@@ -180,7 +181,7 @@ class ChatGLM(BaseChatModel):
         n_prompt = inputs["input_ids"].shape[1]
         room = self.max_length - n_prompt
         if room < 1:
-            raise ValueError(f"ChatGLM: the prompt is {n_prompt} tokens, max_length {self.max_length} leaves no room "
+            raise UserError(f"ChatGLM: the prompt is {n_prompt} tokens, max_length {self.max_length} leaves no room "
                              "for an answer (shorten the history or context, or raise max_length)")
         stops = [s for s in [*(self.stop or []), *(stop or [])] if s]
         generate_kwargs = dict(**inputs, max_new_tokens=min(self.max_new_tokens, room), **self._settings())

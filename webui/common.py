@@ -25,7 +25,7 @@ NO_ADAPTER = "none (base model)"
 LOADS = []  # (model, adapter) of every load this process made: the tests check it stays at one per choice
 
 
-class _Parser(argparse.ArgumentParser):
+class PageArgumentParser(argparse.ArgumentParser):
     def error(self, message):  # a page shows it as one line instead of the server exiting
         raise UserError(f"{self.prog}: {message}")
 
@@ -47,7 +47,7 @@ class ServerConfig:
 
 def parse_args(argv, page, with_data_dir=False):
     """`streamlit run webui/PAGE.py -- [flags]` -> ServerConfig; bad flags raise UserError."""
-    parser = _Parser(prog=page, description="ChatGLM web page; flags go after `--`: "
+    parser = PageArgumentParser(prog=page, description="ChatGLM web page; flags go after `--`: "
                                             f"streamlit run webui/{page} -- --lora_path output")
     add_model_arguments(parser, repeatable=True)
     parser.add_argument("--lora_dir", default=None,
