@@ -51,20 +51,22 @@ def announce_embedded_model():
         print(EMBEDDED_NOTICE, file=sys.stderr, flush=True)
 
 
-def download_from_hub(repo_id, revision=None):
-    """Snapshot folder of `repo_id` at `revision` in the Hugging Face cache (downloading what is missing); every way it
-    cannot be had is a one-line UserError saying what to do."""
+def download_from_hub(repo_id, revision=None, allow_patterns=HUB_FILES, flag="--model_name_or_path",
+                      example="THUDM/chatglm-6b", local_folder="a local chatglm-6b folder"):
+    """Snapshot folder of `repo_id` at `revision` in the Hugging Face cache (downloading what is missing of
+    `allow_patterns`); every way it cannot be had is a one-line UserError saying what to do, naming `flag`, an
+    `example` id and the `local_folder` to pass instead."""
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, HFValidationError, IncompleteSnapshotError,
                                         LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
 
     revision_name = revision or "main"
-    where = f"--model_name_or_path {repo_id} (revision {revision_name})"
+    where = f"{flag} {repo_id} (revision {revision_name})"
     try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_FILES))
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=allow_patterns))
     except HFValidationError:
-        raise UserError(f"--model_name_or_path {repo_id}: no such folder, and not a Hugging Face repo id (owner/name, "
-                        "e.g. THUDM/chatglm-6b)") from None
+        raise UserError(f"{flag} {repo_id}: no such folder, and not a Hugging Face repo id (owner/name, "
+                        f"e.g. {example})") from None
     except GatedRepoError:
         raise UserError(f"{where}: the repo is gated: accept its terms on https://huggingface.co/{repo_id}, then log "
                         "in (hf auth login)") from None
@@ -84,7 +86,7 @@ def download_from_hub(repo_id, revision=None):
                             "HF_HUB_OFFLINE to download it, or point HF_HUB_CACHE (or HF_HOME) at the cache that "
                             "holds it") from None
         raise UserError(f"{missing}, and the Hugging Face Hub cannot be reached: check the name and the network (or "
-                        "HF_ENDPOINT / proxy settings), or pass a local chatglm-6b folder") from None
+                        f"HF_ENDPOINT / proxy settings), or pass {local_folder}") from None
     except HfHubHTTPError as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"{where}: the Hugging Face Hub answered {first_line}: try again later, or pass a local "

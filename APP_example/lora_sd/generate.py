@@ -1,0 +1,88 @@
+"""Generate images with Stable Diffusion and any number of LoRA adapters mixed by weight.
+
+    python APP_example/lora_sd/generate.py --prompt "a photo of sks disc" --lora output/lora_sd
+    python APP_example/lora_sd/generate.py --prompt "a photo of sks dog in the snow" \\
+        --pretrained_model_name_or_path runwayml/stable-diffusion-v1-5 \\
+        --lora output/sks_dog/pytorch_lora_weights.safetensors:0.8 --lora output/watercolor:0.5 --fuse \\
+        --seed 7 --steps 30 --guidance 7.5 --width 512 --height 512 --num_images 4 --out_dir output/images
+    python APP_example/lora_sd/generate.py --settings output/images/gen-0001.json   # the same images again
+
+Each run writes --out_dir/gen-NNNN-I.png (image I, drawn from seed + I) and gen-NNNN.json with every setting that
+made them; --settings reads such a file back and makes the same images. An adapter is a
+pytorch_lora_weights.safetensors (train_lora_sd.py's or diffusers' train_dreambooth_lora.py's), or a folder holding
+one, optionally followed by :WEIGHT (default 1). --fuse adds the adapters into the base weights first: the same
+images, faster steps.
+"""
+
+import argparse
+import sys
+
+from glm_tune.errors import UserError, exit_on_user_error
+from glm_tune.locking import hold_output_lock
+from glm_tune.sd_checkpoint import FLAG
+from glm_tune.sd_generate import DTYPES, GenerationSettings, generate, parse_lora_spec, save_run
+
+DEFAULT_OUT_DIR = "output/lora_sd_images"
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompt", default=None, help="what to draw (required unless --settings)")
+    p.add_argument("--negative_prompt", default=None, help="what not to draw (default: none)")
+    p.add_argument(FLAG, default=None,
+                   help="base pipeline: a diffusers Stable Diffusion 1.x/2.x folder or a Hugging Face repo id such as "
+                        "runwayml/stable-diffusion-v1-5 (Hugging Face cache; HF_HUB_OFFLINE=1 never downloads). "
+                        "Default: the embedded small pipeline (random weights, 32x32)")
+    p.add_argument("--revision", default=None, help="branch, tag or commit id of a hub model (default: main)")
+    p.add_argument("--variant", default=None, help="weights variant, e.g. fp16")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]",
+                   help="a LoRA adapter (pytorch_lora_weights.safetensors or its folder) and its weight (default "
+                        "1); repeat to mix several")
+    p.add_argument("--fuse", action="store_true", help="add the adapters into the base weights before generating")
+    p.add_argument("--seed", type=int, default=0, help="image I is drawn from seed + I (default: 0)")
+    p.add_argument("--steps", type=int, default=25, help="denoising steps (default: 25)")
+    p.add_argument("--guidance", type=float, default=7.5,
+                   help="classifier-free guidance scale; 1 turns it off (default: 7.5)")
+    p.add_argument("--width", type=int, default=None,
+                   help="image width, a multiple of 8 (default: the pipeline's, 512 for SD 1.x, 32 for the embedded)")
+    p.add_argument("--height", type=int, default=None, help="image height, a multiple of 8 (default: as --width)")
+    p.add_argument("--num_images", type=int, default=1, help="images to make (default: 1)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp32",
+                   help="weights dtype (default: fp32; fp16 halves memory on a GPU)")
+    p.add_argument("--out_dir", default=DEFAULT_OUT_DIR, help=f"where the images and settings go (default: "
+                                                              f"{DEFAULT_OUT_DIR})")
+    p.add_argument("--settings", default=None,
+                   help="a gen-NNNN.json of an earlier run: make its images again (other flags are ignored, except "
+                        "--out_dir)")
+    return p
+
+
+def settings_from_args(args):
+    if args.settings:
+        return GenerationSettings.from_json(args.settings)
+    if args.prompt is None:
+        raise UserError("--prompt: required (or --settings FILE to repeat a run)")
+    return GenerationSettings(
+        prompt=args.prompt, negative_prompt=args.negative_prompt,
+        pretrained_model_name_or_path=getattr(args, "pretrained_model_name_or_path"), revision=args.revision,
+        variant=args.variant, loras=[list(parse_lora_spec(spec)) for spec in args.lora], fuse=args.fuse,
+        seed=args.seed, steps=args.steps, guidance=args.guidance, width=args.width, height=args.height,
+        num_images=args.num_images, dtype=args.dtype).check()
+
+
+@exit_on_user_error
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    settings = settings_from_args(args)
+    with hold_output_lock(args.out_dir, "--out_dir"):
+        images, record = generate(settings)
+        paths, settings_path = save_run(images, record, args.out_dir)
+    for path in paths:
+        print(path)
+    print(f"settings: {settings_path} ({record['seconds']:.1f} s; again: python {sys.argv[0]} --settings "
+          f"{settings_path})")
+    return paths, settings_path
+
+
+if __name__ == "__main__":
+    main()
