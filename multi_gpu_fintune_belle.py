@@ -52,7 +52,7 @@ from glm_tune.loading import load_tokenizer, resolve_model_path
 from glm_tune.locking import hold_output_lock
 from glm_tune.memory import MemoryTracker
 from glm_tune.runtime import exit_multiprocess_run
-from glm_tune.training import load_lora_model, write_run_outputs
+from glm_tune.training import load_lora_model, windows, write_run_outputs
 
 
 # -- setup ------------------------------------------------------------------------------------------------------------
@@ -202,18 +202,6 @@ def setup(model_args, data_args, lora_args, args, accelerator, tokenizer):
 
 
 # -- the loop ---------------------------------------------------------------------------------------------------------
-
-def windows(batches, size):
-    """The micro-batches of each optimizer step, as lists (the last one of an epoch may be shorter)."""
-    window = []
-    for batch in batches:
-        window.append(batch)
-        if len(window) == size:
-            yield window
-            window = []
-    if window:
-        yield window
-
 
 def labelled(batch):
     return batch["labels"][:, 1:].ne(-100).sum()

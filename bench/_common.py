@@ -4,6 +4,7 @@ import json
 import resource
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
@@ -60,3 +61,14 @@ def report(rows, result, json_path=None):
     print_rows(rows)
     if json_path:
         atomic.write_json(json_path, result)
+
+
+def cpu_name():
+    """The CPU's model name (Linux), for the results table: bf16 speed differs by CPU kind."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None

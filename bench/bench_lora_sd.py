@@ -18,8 +18,9 @@ from pathlib import Path
 
 import torch
 
-from _common import peak_memory_bytes, report, sync
-from glm_tune.sd_lora import DEMO_ARGS, build_accelerator, optimizer_step, parse_args, setup, windows
+from _common import cpu_name, peak_memory_bytes, report, sync
+from glm_tune.sd_lora import DEMO_ARGS, build_accelerator, optimizer_step, parse_args, setup
+from glm_tune.training import windows
 
 CONFIGS = {  # name -> flags after the demo's
     "demo": [],  # batch 4, 32x32, LoRA rank 8 on every UNet layer: `python train_lora_sd.py`
@@ -90,16 +91,6 @@ def main():
              "s/step (median)", f"{r['seconds_per_step']:.4f}") for r in results]
     report(rows, {"threads": torch.get_num_threads(), "cpu": cpu_name(), "torch": torch.__version__,
                   "results": results}, args.json)
-
-
-def cpu_name():
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from PIL import ImageDraw
 
-from _common import peak_memory_bytes, report
+from _common import cpu_name, peak_memory_bytes, report
 from glm_tune.sd_draw import DTYPES, DrawSettings, draw, load_draw_pipeline, load_sketch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,16 +87,6 @@ def main():
                   "device": str(device), "threads": torch.get_num_threads(), "cpu": cpu_name(),
                   "torch": torch.__version__, "load_seconds": load_seconds, "results": results,
                   "peak_memory_bytes": peak_memory_bytes(device) if device.type == "cuda" else None}, args.json)
-
-
-def cpu_name():
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
 
 
 if __name__ == "__main__":

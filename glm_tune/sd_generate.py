@@ -24,7 +24,7 @@ import torch
 
 from glm_tune.atomic import atomic_path, write_json
 from glm_tune.errors import UserError
-from glm_tune.sd_checkpoint import first_line, load_pipeline, resolve_sd_path
+from glm_tune.sd_checkpoint import DTYPES, first_line, load_pipeline, resolve_sd_path
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name; a folder given as an adapter is read for it
 LORA_KEY = re.compile(r"lora[._](A|B|down|up)\b|lora_(down|up)|\.alpha$")
@@ -212,9 +212,6 @@ class GenerationSettings:
             return cls(**data["settings"]).check()
         except TypeError as err:
             raise UserError(f"--settings {path}: {err}") from None
-
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def device_and_dtype(dtype_name):

@@ -36,7 +36,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from glm_tune.atomic import atomic_path, write_json
 from glm_tune.errors import UserError
 from glm_tune.runtime import training_precision
-from glm_tune.sd_checkpoint import (FLAG, PREDICTION_TYPES, first_line, load_pipeline, resolve_sd_path,
+from glm_tune.training import windows
+from glm_tune.sd_checkpoint import (FLAG, add_pipeline_arguments, PREDICTION_TYPES, first_line, load_pipeline, resolve_sd_path,
                                     scheduler_class)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -66,13 +67,7 @@ DEMO_ARGS = ["--instance_data_dir", str(DEMO_INSTANCE_DIR), "--instance_prompt",
 def build_parser(description=None):
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model")
-    g.add_argument(FLAG, default=None,
-                   help="base pipeline: a diffusers Stable Diffusion 1.x/2.x folder, or a Hugging Face repo id such as "
-                        "runwayml/stable-diffusion-v1-5 (read from the Hugging Face cache; HF_HUB_OFFLINE=1 never "
-                        "downloads). Default: the embedded small pipeline (random UNet, 32x32 images, built on first "
-                        "use)")
-    g.add_argument("--revision", default=None, help="branch, tag or commit id of a hub model (default: main)")
-    g.add_argument("--variant", default=None, help="weights variant to load, e.g. fp16 (files *.fp16.safetensors)")
+    add_pipeline_arguments(g)
     g = p.add_argument_group("data")
     g.add_argument("--instance_data_dir", default=None,
                    help="folder of the subject's images (.png .jpg .webp ...; other files are ignored). Without it "
@@ -665,18 +660,6 @@ def resume(run):
 
 
 # -- the loop ---------------------------------------------------------------------------------------------------------
-
-def windows(batches, size):
-    """The batches of each optimizer step (the last one of an epoch may be shorter)."""
-    window = []
-    for batch in batches:
-        window.append(batch)
-        if len(window) == size:
-            yield window
-            window = []
-    if window:
-        yield window
-
 
 def batch_loss(run, batch):
     """The DreamBooth loss of one batch: MSE to the prediction target, plus the weighted prior loss on its class

@@ -39,3 +39,15 @@ def write_run_outputs(out, lora_state, tokenizer, log_history, model_args):
                    if getattr(model_args, name))
     print(f"saved the adapter to {out}/ (loss curve: {plot})")
     print(f"try it: python inference.py --lora_path {out}{base}")
+
+
+def windows(batches, size):
+    """The micro-batches of each optimizer step, as lists (the last one of an epoch may be shorter)."""
+    window = []
+    for batch in batches:
+        window.append(batch)
+        if len(window) == size:
+            yield window
+            window = []
+    if window:
+        yield window

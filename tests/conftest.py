@@ -46,3 +46,27 @@ def remove_deepspeed_shm_buffers():
     if shm.is_dir():
         for path in set(shm.glob("deepspeed_allreduce_buffer_*")) - before:
             path.unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="session")
+def make_adapter(tmp_path_factory):
+    """make_adapter(model_folder=None, seed=0) -> a saved LoRA adapter (every linear layer) whose LoRA B weights are
+    random and non-zero, so that it changes the answers (a fresh adapter's B is zero and changes nothing)."""
+    import torch
+
+    from glm_tune.loading import load_model_and_tokenizer
+    from glm_tune.lora import add_lora
+
+    def make(model_folder=None, seed=0):
+        model, _ = load_model_and_tokenizer(None if model_folder is None else str(model_folder), dtype="fp32")
+        peft = add_lora(model, target="all")
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, param in peft.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0, 0.5, generator=generator)
+        folder = tmp_path_factory.mktemp("adapter") / "adapter"
+        peft.save_pretrained(folder)
+        return folder
+
+    return make

@@ -9,14 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from glm_tune.agent_tools import TOOL_NAMES
 from glm_tune.chat_model import ChatGLM
 from glm_tune.kb_chat import ask, build_chain
 from glm_tune.knowledge_base import SAMPLE_QUESTION, KnowledgeBase, ensure_sample_index
-from glm_tune.loading import load_model_and_tokenizer
-from glm_tune.lora import add_lora
 
 ROOT = Path(__file__).resolve().parent.parent
 APPS = ROOT / "APP_example"
@@ -24,19 +21,10 @@ GREEDY = ["--max_new_tokens", "12", "--no-do_sample", "--dtype", "fp32"]
 
 
 @pytest.fixture(scope="module")
-def checkpoint(make_checkpoint, tmp_path_factory):
-    """(first-release checkpoint folder, adapter folder whose non-zero LoRA B weights change the answers)."""
+def checkpoint(make_checkpoint, make_adapter):
+    """(first-release checkpoint folder, an adapter for it that changes the answers)."""
     folder = make_checkpoint("original", ("safetensors",))
-    model, _ = load_model_and_tokenizer(str(folder), dtype="fp32")
-    peft = add_lora(model, target="all")
-    generator = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, param in peft.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.5, generator=generator)
-    adapter = tmp_path_factory.mktemp("real-adapter") / "adapter"
-    peft.save_pretrained(adapter)
-    return folder, adapter
+    return folder, make_adapter(folder, seed=3)
 
 
 @pytest.fixture(scope="module")

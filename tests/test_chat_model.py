@@ -9,7 +9,6 @@ from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, Tool
 
 from glm_tune.chat_model import ChatGLM, cut_at_stop, messages_to_prompt, settled_text
 from glm_tune.loading import load_model_and_tokenizer
-from glm_tune.lora import add_lora
 from modeling_chatglm import build_chat_prompt, clean_response
 
 QUESTIONS = ["你好", "Translate 苹果 into English.", "ok"]
@@ -32,18 +31,8 @@ def base():
 
 
 @pytest.fixture(scope="module")
-def adapter(tmp_path_factory):
-    """A saved adapter whose (non-zero) LoRA B weights change the answers."""
-    model, _ = load_model_and_tokenizer(dtype="fp32")
-    peft = add_lora(model, target="all")
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, param in peft.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.5, generator=generator)
-    folder = tmp_path_factory.mktemp("adapter") / "run"
-    peft.save_pretrained(folder)
-    return folder
+def adapter(make_adapter):
+    return make_adapter(seed=1)
 
 
 def llm(**settings):

@@ -22,8 +22,8 @@ from pathlib import Path
 import streamlit as st
 
 from glm_tune.errors import UserError
-from glm_tune.sd_checkpoint import FLAG, load_pipeline, resolve_sd_path
-from glm_tune.sd_generate import DTYPES, GenerationSettings, device_and_dtype, generate, lora_file, zip_run
+from glm_tune.sd_checkpoint import FLAG, add_pipeline_arguments, load_pipeline, resolve_sd_path
+from glm_tune.sd_generate import GenerationSettings, device_and_dtype, generate, lora_file, zip_run
 from glm_tune.sd_jobs import job_status, list_jobs, resume_job, start_job, stop_job
 from glm_tune.sd_lora import DEMO_INSTANCE_DIR, DEMO_PROMPT, LORA_FILE, REPO_ROOT, image_files
 from webui.common import PageArgumentParser
@@ -42,10 +42,7 @@ FORM_DEFAULTS = {
 def server_args(argv=None):
     """The operator's flags (`streamlit run app.py -- flags`); a bad one raises UserError."""
     parser = PageArgumentParser(prog=PAGE, description="DreamBooth LoRA page; flags go after `--`")
-    parser.add_argument(FLAG, default=None, help="base pipeline (default: the embedded small one)")
-    parser.add_argument("--revision", default=None, help="revision of a hub model")
-    parser.add_argument("--variant", default=None, help="weights variant, e.g. fp16")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="generation dtype (default: fp32)")
+    add_pipeline_arguments(parser, dtype_help="generation dtype (default: fp32)")
     parser.add_argument("--jobs_dir", default=str(DEFAULT_JOBS_DIR),
                         help="where training jobs live (default: output/lora_sd_jobs)")
     parser.add_argument("--lora", action="append", default=[], help="an adapter the Generate tab offers; repeatable")

@@ -19,8 +19,8 @@ import sys
 
 from glm_tune.errors import UserError, exit_on_user_error
 from glm_tune.locking import hold_output_lock
-from glm_tune.sd_checkpoint import FLAG
-from glm_tune.sd_generate import DTYPES, GenerationSettings, generate, parse_lora_spec, save_run
+from glm_tune.sd_checkpoint import add_pipeline_arguments
+from glm_tune.sd_generate import GenerationSettings, generate, parse_lora_spec, save_run
 
 DEFAULT_OUT_DIR = "output/lora_sd_images"
 
@@ -29,12 +29,7 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompt", default=None, help="what to draw (required unless --settings)")
     p.add_argument("--negative_prompt", default=None, help="what not to draw (default: none)")
-    p.add_argument(FLAG, default=None,
-                   help="base pipeline: a diffusers Stable Diffusion 1.x/2.x folder or a Hugging Face repo id such as "
-                        "runwayml/stable-diffusion-v1-5 (Hugging Face cache; HF_HUB_OFFLINE=1 never downloads). "
-                        "Default: the embedded small pipeline (random weights, 32x32)")
-    p.add_argument("--revision", default=None, help="branch, tag or commit id of a hub model (default: main)")
-    p.add_argument("--variant", default=None, help="weights variant, e.g. fp16")
+    add_pipeline_arguments(p, dtype_help="weights dtype (default: fp32; fp16 halves memory on a GPU)")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]",
                    help="a LoRA adapter (pytorch_lora_weights.safetensors or its folder) and its weight (default "
                         "1); repeat to mix several")
@@ -47,8 +42,6 @@ def build_parser():
                    help="image width, a multiple of 8 (default: the pipeline's, 512 for SD 1.x, 32 for the embedded)")
     p.add_argument("--height", type=int, default=None, help="image height, a multiple of 8 (default: as --width)")
     p.add_argument("--num_images", type=int, default=1, help="images to make (default: 1)")
-    p.add_argument("--dtype", choices=list(DTYPES), default="fp32",
-                   help="weights dtype (default: fp32; fp16 halves memory on a GPU)")
     p.add_argument("--out_dir", default=DEFAULT_OUT_DIR, help=f"where the images and settings go (default: "
                                                               f"{DEFAULT_OUT_DIR})")
     p.add_argument("--settings", default=None,

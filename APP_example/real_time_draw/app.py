@@ -23,8 +23,8 @@ import streamlit as st
 from PIL import Image
 
 from glm_tune.errors import UserError
-from glm_tune.sd_checkpoint import FLAG
-from glm_tune.sd_draw import DTYPES, DrawSettings, Regenerator, compose_sketch, load_draw_pipeline, load_sketch
+from glm_tune.sd_checkpoint import FLAG, add_pipeline_arguments
+from glm_tune.sd_draw import DrawSettings, Regenerator, compose_sketch, load_draw_pipeline, load_sketch
 from glm_tune.sd_generate import lora_file
 from webui.common import PageArgumentParser
 
@@ -39,11 +39,7 @@ RECENT = 10  # latencies the page summarises
 def server_args(argv=None):
     """The operator's flags (`streamlit run app.py -- flags`); a bad one raises UserError."""
     parser = PageArgumentParser(prog=PAGE, description="real-time drawing page; flags go after `--`")
-    parser.add_argument(FLAG, default=None, help="base pipeline: SD 1.x/2.x folder or hub id (default: the "
-                                                 "embedded small one)")
-    parser.add_argument("--revision", default=None, help="revision of a hub model")
-    parser.add_argument("--variant", default=None, help="weights variant, e.g. fp16")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="weights dtype (default: fp32)")
+    add_pipeline_arguments(parser, dtype_help="weights dtype (default: fp32)")
     parser.add_argument("--lcm_lora", default=None,
                         help="an LCM-LoRA (pytorch_lora_weights.safetensors or its folder), fused into the model")
     parser.add_argument("--sketch", default=str(SAMPLE_SKETCH),

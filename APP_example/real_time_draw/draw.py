@@ -24,8 +24,8 @@ from pathlib import Path
 
 from glm_tune.atomic import atomic_path, write_json
 from glm_tune.errors import UserError, exit_on_user_error
-from glm_tune.sd_checkpoint import FLAG
-from glm_tune.sd_draw import DTYPES, MAX_STEPS, DrawSettings, draw, load_draw_pipeline, load_sketch
+from glm_tune.sd_checkpoint import add_pipeline_arguments
+from glm_tune.sd_draw import MAX_STEPS, DrawSettings, draw, load_draw_pipeline, load_sketch
 
 DEFAULT_OUT = "output/real_time_draw/frame.png"
 
@@ -52,17 +52,10 @@ def build_parser():
     p.add_argument("--height", type=int, default=None, help="image height, a multiple of 8 (default: as --width)")
     p.add_argument("--out", default=DEFAULT_OUT,
                    help=f"the PNG to write; its settings go beside it as .json (default: {DEFAULT_OUT})")
-    p.add_argument(FLAG, default=None,
-                   help="base pipeline: a diffusers Stable Diffusion 1.x/2.x folder or a Hugging Face repo id such as "
-                        "runwayml/stable-diffusion-v1-5 (Hugging Face cache; HF_HUB_OFFLINE=1 never downloads). "
-                        "Default: the embedded small pipeline (random weights, 32x32)")
-    p.add_argument("--revision", default=None, help="branch, tag or commit id of a hub model (default: main)")
-    p.add_argument("--variant", default=None, help="weights variant, e.g. fp16")
+    add_pipeline_arguments(p, dtype_help="weights dtype (default: fp32; fp16 halves memory and time on a GPU)")
     p.add_argument("--lcm_lora", default=None,
                    help="an LCM-LoRA for the base model: its pytorch_lora_weights.safetensors or the folder holding "
                         "it (fused into the weights; default: none)")
-    p.add_argument("--dtype", choices=list(DTYPES), default="fp32",
-                   help="weights dtype (default: fp32; fp16 halves memory and time on a GPU)")
     return p
 
 
