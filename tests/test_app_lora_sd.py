@@ -116,8 +116,19 @@ def demo(folder, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def resumed(folder, tmp_path_factory):
-    """The short run uninterrupted, and the same run SIGKILLed right after its step-3 checkpoint, then resumed."""
-    base = tmp_path_factory.mktemp("resume")
+    """The short run uninterrupted, and the same run SIGKILLed right after its step-3 checkpoint, then resumed.
+
+    Bit-identical is a claim for one thread count: every part runs on 1 thread, like the killed subprocess (ENV),
+    whatever this process was given (CI leaves OMP_NUM_THREADS unset: 2 threads sum in another order)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _kill_and_resume(tmp_path_factory.mktemp("resume"))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _kill_and_resume(base):
     whole, broken = base / "whole", base / "broken"
     train(*SHORT, "--output_dir", whole)
     kill_after_3 = f"""
