@@ -15,6 +15,7 @@ import torch
 from glm_tune.arguments import add_model_arguments, add_sampling_arguments
 from glm_tune.errors import exit_on_user_error
 from glm_tune.loading import load_model_and_tokenizer
+from glm_tune.terminal_chat import terminal_chat
 
 BANNER = "ChatGLM-6B: type a message and press Enter; 'clear' starts a new conversation, 'stop' quits."
 # clean_response() turns these into full-width marks once a Chinese character follows them, so a streamed answer
@@ -53,26 +54,8 @@ def main(argv=None, stdin=None, out=None):
         model = model.cuda()
     generation = dict(max_length=args.max_length, do_sample=args.do_sample, temperature=args.temperature,
                       top_p=args.top_p)
-    out.write(BANNER + "\n")
-    history = []
-    while True:
-        out.write("\n用户：")
-        out.flush()
-        line = stdin.readline()
-        if not line:  # end of input
-            out.write("\n")
-            break
-        query = line.strip()
-        if query == "stop":
-            break
-        if query == "clear":
-            history = []
-            out.write("(new conversation)\n")
-            continue
-        if query:
-            out.write("\nChatGLM：")
-            history = stream_answer(model, tokenizer, query, history, out, **generation)
-    return history
+    return terminal_chat(stdin, out, BANNER,
+                         lambda query, history: stream_answer(model, tokenizer, query, history, out, **generation))
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from operator import itemgetter
 from glm_tune.arguments import add_model_arguments, add_sampling_arguments
 from glm_tune.errors import UserError
 from glm_tune.retrieval import MODES
+from glm_tune.terminal_chat import terminal_chat
 
 NO_ANSWER = "根据已知信息无法回答该问题"
 HISTORY_TURNS = 3  # the turns the condense prompt sees: enough to resolve "it" / "那…呢", short enough to fit
@@ -320,24 +321,9 @@ BANNER = "知识库问答：输入问题后回车；'clear' 开始新对话，'s
 def chat_loop(chain, stdin, out):
     """The terminal chat: each answer streams in, followed by its sources; follow-ups are condensed with the
     history. -> the history [(question, answer)]."""
-    out.write(BANNER + "\n")
-    history = []
-    while True:
-        out.write("\n用户：")
-        out.flush()
-        line = stdin.readline()
-        if not line:
-            out.write("\n")
-            return history
-        question = line.strip()
-        if question == "stop":
-            return history
-        if question == "clear":
-            history = []
-            out.write("(new conversation)\n")
-            continue
-        if question:
-            out.write("\n助手：")
-            answer = ask(chain, question, history, on_token=_writer(out))
-            out.write("\n\n" + format_sources(answer.sources) + "\n")
-            history.append((question, answer.answer))
+    def reply(question, history):
+        answer = ask(chain, question, history, on_token=_writer(out))
+        out.write("\n\n" + format_sources(answer.sources) + "\n")
+        return [*history, (question, answer.answer)]
+
+    return terminal_chat(stdin, out, BANNER, reply, speaker="助手")
