@@ -36,3 +36,17 @@ def test_setup_installs_the_apps_libraries_without_replacing_torch():
              (ROOT / "APP_example/requirements.txt").read_text().splitlines() if line.strip()[:1].isalpha()}
     assert {"langchain-core", "faiss-cpu", "sentence-transformers", "rank-bm25", "jieba", "pypdf"} <= names
     assert not names & {"torch", "open-clip-torch", "timm", "torchvision"}  # packages that pull a CUDA torch
+
+
+def test_every_page_binds_127_0_0_1_unless_told_otherwise():
+    """Streamlit reads <the page's folder>/.streamlit/config.toml (its script-level config) from any working
+    directory; without one a page would listen on every interface. test_webui checks the real listener."""
+    import tomllib
+
+    pages = sorted(ROOT.glob("APP_example/*/app.py")) + [ROOT / "webui" / "web_ui.py"]
+    assert len(pages) >= 5
+    for page in pages:
+        config = page.parent / ".streamlit" / "config.toml"
+        assert config.is_file(), f"{config} missing"
+        server = tomllib.loads(config.read_text())["server"]
+        assert server["address"] == "127.0.0.1" and server["headless"] is True, config
