@@ -300,15 +300,18 @@ PIPELINE_HELP = ("base pipeline: a diffusers Stable Diffusion 1.x/2.x folder or 
                  "downloads). Default: the embedded small pipeline (random UNet, 32x32 images, built on first use)")
 
 
-def add_pipeline_arguments(parser, dtype_help=None):
+def add_pipeline_arguments(parser, dtype_help=None, revision_flag="--revision", dtype_flag="--dtype"):
     """The flags naming the base pipeline, the same in every Stable Diffusion script and page: {FLAG}, --revision,
-    --variant, and --dtype (default fp32) when `dtype_help` says what it does there."""
+    --variant, and --dtype (default fp32) when `dtype_help` says what it does there. A script that also loads a
+    ChatGLM (whose flags are --revision and --dtype) renames the two, e.g. --sd_revision and --sd_dtype."""
     parser.add_argument(FLAG, default=None, help=PIPELINE_HELP)
-    parser.add_argument("--revision", default=None, help="branch, tag or commit id of a hub model (default: main)")
+    parser.add_argument(revision_flag, default=None, help=f"branch, tag or commit id of a hub {FLAG} (default: main)")
     parser.add_argument("--variant", default=None, help="weights variant to load, e.g. fp16 (files "
                                                         "*.fp16.safetensors)")
     if dtype_help:
-        parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help=dtype_help)
+        parser.add_argument(dtype_flag, choices=list(DTYPES), default="fp32", help=dtype_help)
+
+
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 WEIGHT_NAMES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
 EMBEDDED_SD_NOTICE = (f"note: no {FLAG} given, so this runs the embedded small Stable Diffusion pipeline (random UNet "

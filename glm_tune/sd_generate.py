@@ -8,8 +8,14 @@ fuse=True they are added into the base weights (`pipe.fuse_lora`), which gives t
 Image i of a run is drawn from its own CPU generator seeded with seed + i, so that every image can be made again
 alone, on any device, from the settings file: the same model folder, adapters, prompt and numbers give the same
 pixels (tests check this with fp32 on a CPU; on a GPU kernels may differ in the last bits).
+
+With an `image`, generation is image-to-image (diffusers' img2img pipeline over the same components, nothing
+loaded twice): the image is cropped to the output's aspect ratio and resized to it, noised to `strength` (0 keeps
+it, 1 replaces it) and denoised; as in diffusers, int(steps x strength) of the `steps` denoising steps run. The
+settings file records the image's path and sha256, and reading it back refuses an image that has changed since.
 """
 
+import hashlib
 import io
 import json
 import re
@@ -175,6 +181,8 @@ class GenerationSettings:
     height: int | None = None
     num_images: int = 1
     dtype: str = "fp32"
+    image: str | None = None  # image-to-image from this picture
+    strength: float = 0.8
 
     def check(self):
         for name in ("width", "height"):
@@ -192,6 +200,10 @@ class GenerationSettings:
             raise UserError(f"--dtype {self.dtype}: choose one of {', '.join(DTYPES)}")
         if not self.prompt or not self.prompt.strip():
             raise UserError("--prompt: empty; say what to draw")
+        if not 0 < self.strength <= 1:
+            raise UserError(f"--strength {self.strength}: must be in (0, 1] (how much of the image is redrawn)")
+        if self.image is not None and not Path(self.image).is_file():
+            raise UserError(f"--image {self.image}: no such file")
         return self
 
     @classmethod
@@ -209,9 +221,69 @@ class GenerationSettings:
         if unknown:
             raise UserError(f"--settings {path}: unknown setting(s) {unknown}")
         try:
-            return cls(**data["settings"]).check()
+            settings = cls(**data["settings"]).check()
         except TypeError as err:
             raise UserError(f"--settings {path}: {err}") from None
+        recorded = data.get("image_sha256")
+        if settings.image is not None and recorded and file_sha256(settings.image) != recorded:
+            raise UserError(f"--settings {path}: {settings.image} has changed since the run (its sha256 differs), so "
+                            "the images cannot be made again")
+        return settings
+
+
+def file_sha256(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def fit_image(image, width, height):
+    """`image` cropped (centred) to width:height and resized to width x height."""
+    from PIL import Image, ImageOps
+
+    return ImageOps.fit(image, (width, height), Image.Resampling.LANCZOS)
+
+
+def image_to_image(pipe):
+    """The img2img pipeline on `pipe`'s components (made once per pipeline and kept on it)."""
+    from diffusers import AutoPipelineForImage2Image, StableDiffusionImg2ImgPipeline
+
+    if isinstance(pipe, StableDiffusionImg2ImgPipeline):
+        return pipe
+    if getattr(pipe, "_glm_tune_img2img", None) is None:
+        img2img = AutoPipelineForImage2Image.from_pipe(pipe)
+        img2img.set_progress_bar_config(disable=True)
+        pipe._glm_tune_img2img = img2img
+    return pipe._glm_tune_img2img
+
+
+def add_generation_arguments(parser, image=True, num_images=True, steps=25, strength=0.8):
+    """The image flags every generate.py shares (GenerationSettings' fields): --negative_prompt, --seed, --steps,
+    --guidance, --width, --height, --num_images (when `num_images`), --image (when `image`; an app that chooses the
+    image itself leaves it out) and --strength."""
+    parser.add_argument("--negative_prompt", default=None, help="what not to draw (default: none)")
+    parser.add_argument("--seed", type=int, default=0, help="image I is drawn from seed + I (default: 0)")
+    parser.add_argument("--steps", type=int, default=steps, help=f"denoising steps (default: {steps})")
+    parser.add_argument("--guidance", type=float, default=7.5,
+                        help="classifier-free guidance scale; 1 turns it off (default: 7.5)")
+    parser.add_argument("--width", type=int, default=None,
+                        help="image width, a multiple of 8 (default: the pipeline's, 512 for SD 1.x, 32 for the "
+                             "embedded)")
+    parser.add_argument("--height", type=int, default=None, help="image height, a multiple of 8 (default: as "
+                                                                 "--width)")
+    if num_images:
+        parser.add_argument("--num_images", type=int, default=1, help="images to make (default: 1)")
+    if image:
+        parser.add_argument("--image", default=None,
+                            help="start from this picture instead of noise (image-to-image; it is cropped and "
+                                 "resized to the output size)")
+    parser.add_argument("--strength", type=float, default=strength,
+                        help=f"image-to-image: how much of the {'--image' if image else 'starting picture'} is "
+                             f"redrawn, 0 < s <= 1; int(steps x strength) steps run (default: {strength})")
+
+
+def generation_fields(args):
+    """GenerationSettings' fields that add_generation_arguments' flags set, from parsed `args`."""
+    names = ("negative_prompt", "seed", "steps", "guidance", "width", "height", "num_images", "image", "strength")
+    return {name: getattr(args, name) for name in names if hasattr(args, name)}
 
 
 def device_and_dtype(dtype_name):
@@ -235,18 +307,33 @@ def generate(settings, pipe=None, progress=None):
     width, height = settings.width or default, settings.height or default
     seeds = [settings.seed + i for i in range(settings.num_images)]
     generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    steps_run = settings.steps if settings.image is None else int(settings.steps * settings.strength)
+    if settings.image is not None and steps_run < 1:
+        raise UserError(f"--steps {settings.steps} --strength {settings.strength}: no denoising step would run "
+                        "(int(steps x strength) = 0); raise either")
+
     def callback(pipeline, step, timestep, kwargs):
-        progress(step + 1, settings.steps)
+        progress(step + 1, steps_run)
         return kwargs
+    common = dict(negative_prompt=settings.negative_prompt, num_inference_steps=settings.steps,
+                  guidance_scale=settings.guidance, num_images_per_prompt=settings.num_images, generator=generators,
+                  callback_on_step_end=callback if progress is not None else None)
+    extra = {}
     start = time.perf_counter()
     with torch.inference_mode():
-        images = pipe(settings.prompt, negative_prompt=settings.negative_prompt, num_inference_steps=settings.steps,
-                      guidance_scale=settings.guidance, width=width, height=height,
-                      num_images_per_prompt=settings.num_images, generator=generators,
-                      callback_on_step_end=callback if progress is not None else None).images
+        if settings.image is None:
+            images = pipe(settings.prompt, width=width, height=height, **common).images
+        else:
+            from glm_tune.sd_lora import open_image
+
+            init = fit_image(open_image(settings.image), width, height)
+            extra = {"image_sha256": file_sha256(settings.image), "steps_run": steps_run}
+            images = image_to_image(pipe)(settings.prompt, image=init, strength=settings.strength, **common).images
     seconds = time.perf_counter() - start
     filled = asdict(settings) | {"width": width, "height": height}
-    record = {"version": SETTINGS_VERSION, "settings": filled, "seeds": seeds,
+    if settings.image is not None:
+        filled["image"] = str(Path(settings.image).resolve())  # found again from any working directory
+    record = {"version": SETTINGS_VERSION, "settings": filled, "seeds": seeds, **extra,
               "scheduler": type(pipe.scheduler).__name__, "device": str(pipe.device),
               "diffusers": diffusers.__version__, "torch": torch.__version__, "seconds": round(seconds, 3)}
     return images, record

@@ -11,6 +11,7 @@ Exactness claims pin fp32 (the default on a CPU). Training runs in this process 
 where the test is about processes (kill, torchrun, the page's background job).
 """
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -373,6 +374,40 @@ def test_generation_is_deterministic_under_a_seed_and_defaults_to_the_pipeline_s
     other, _ = generate(settings, pipe)
     assert not np.array_equal(np.asarray(other[0]), np.asarray(first[0]))
     assert np.array_equal(np.asarray(other[0]), np.asarray(first[1]))  # image i is seed + i, whatever the batch
+
+
+def test_image_to_image_starts_from_the_image_and_its_settings_file_refuses_a_changed_one(pipe, tmp_path, capsys):
+    generate_script = load_script("generate")
+    start = tmp_path / "start.png"
+    Image.new("RGB", (70, 50), (220, 40, 40)).save(start)
+    argv = ["--prompt", "a photo of a disc", "--image", str(start), "--strength", "0.5", "--steps", "8", "--seed",
+            "3", "--width", "40", "--height", "24", "--out_dir", str(tmp_path / "out")]
+    (path,), settings_path = generate_script.main(argv)
+    record = json.loads(settings_path.read_text())
+    assert Image.open(path).size == (40, 24) and record["steps_run"] == 4  # int(8 x 0.5), as diffusers runs
+    assert record["settings"]["image"] == str(start.resolve()) and record["settings"]["strength"] == 0.5
+    assert record["image_sha256"] == hashlib.sha256(start.read_bytes()).hexdigest()
+    (again,), _ = generate_script.main(["--settings", str(settings_path), "--out_dir", str(tmp_path / "out")])
+    assert np.array_equal(np.asarray(Image.open(path)), np.asarray(Image.open(again)))
+    # the starting image decides the result: another one, all else equal, gives another picture
+    settings = GenerationSettings(**record["settings"])
+    first, _ = generate(settings, pipe)
+    assert np.array_equal(np.asarray(first[0]), np.asarray(Image.open(path)))  # the caller's pipeline, the same
+    other = tmp_path / "other.png"
+    Image.new("RGB", (70, 50), (20, 40, 230)).save(other)
+    settings.image = str(other)
+    assert not np.array_equal(np.asarray(generate(settings, pipe)[0][0]), np.asarray(first[0]))
+    Image.new("RGB", (70, 50), (0, 0, 0)).save(start)
+    assert one_line_error(capsys, generate_script.main, "--settings", settings_path) == \
+        f"error: --settings {settings_path}: {start.resolve()} has changed since the run (its sha256 differs), so the " \
+        "images cannot be made again"
+    for flags, expected in [(["--strength", "0"], "error: --strength 0.0: must be in (0, 1]"),
+                            (["--image", str(tmp_path / "none.png")], f"error: --image {tmp_path / 'none.png'}: no "
+                                                                        "such file"),
+                            (["--strength", "0.1", "--steps", "5"], "error: --steps 5 --strength 0.1: no denoising "
+                                                                     "step would run")]:
+        line = one_line_error(capsys, generate_script.main, *argv, *flags)
+        assert line.startswith(expected), line
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@
         --lora output/sks_dog/pytorch_lora_weights.safetensors:0.8 --lora output/watercolor:0.5 --fuse \\
         --seed 7 --steps 30 --guidance 7.5 --width 512 --height 512 --num_images 4 --out_dir output/images
     python APP_example/lora_sd/generate.py --settings output/images/gen-0001.json   # the same images again
+    python APP_example/lora_sd/generate.py --prompt "a photo of sks disc" --image sketch.png --strength 0.7
 
 Each run writes --out_dir/gen-NNNN-I.png (image I, drawn from seed + I) and gen-NNNN.json with every setting that
 made them; --settings reads such a file back and makes the same images. An adapter is a
@@ -20,7 +21,8 @@ import sys
 from glm_tune.errors import UserError, exit_on_user_error
 from glm_tune.locking import hold_output_lock
 from glm_tune.sd_checkpoint import add_pipeline_arguments
-from glm_tune.sd_generate import GenerationSettings, generate, parse_lora_spec, save_run
+from glm_tune.sd_generate import (GenerationSettings, add_generation_arguments, generate, generation_fields,
+                                   parse_lora_spec, save_run)
 
 DEFAULT_OUT_DIR = "output/lora_sd_images"
 
@@ -28,20 +30,12 @@ DEFAULT_OUT_DIR = "output/lora_sd_images"
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompt", default=None, help="what to draw (required unless --settings)")
-    p.add_argument("--negative_prompt", default=None, help="what not to draw (default: none)")
     add_pipeline_arguments(p, dtype_help="weights dtype (default: fp32; fp16 halves memory on a GPU)")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]",
                    help="a LoRA adapter (pytorch_lora_weights.safetensors or its folder) and its weight (default "
                         "1); repeat to mix several")
     p.add_argument("--fuse", action="store_true", help="add the adapters into the base weights before generating")
-    p.add_argument("--seed", type=int, default=0, help="image I is drawn from seed + I (default: 0)")
-    p.add_argument("--steps", type=int, default=25, help="denoising steps (default: 25)")
-    p.add_argument("--guidance", type=float, default=7.5,
-                   help="classifier-free guidance scale; 1 turns it off (default: 7.5)")
-    p.add_argument("--width", type=int, default=None,
-                   help="image width, a multiple of 8 (default: the pipeline's, 512 for SD 1.x, 32 for the embedded)")
-    p.add_argument("--height", type=int, default=None, help="image height, a multiple of 8 (default: as --width)")
-    p.add_argument("--num_images", type=int, default=1, help="images to make (default: 1)")
+    add_generation_arguments(p)
     p.add_argument("--out_dir", default=DEFAULT_OUT_DIR, help=f"where the images and settings go (default: "
                                                               f"{DEFAULT_OUT_DIR})")
     p.add_argument("--settings", default=None,
@@ -56,11 +50,9 @@ def settings_from_args(args):
     if args.prompt is None:
         raise UserError("--prompt: required (or --settings FILE to repeat a run)")
     return GenerationSettings(
-        prompt=args.prompt, negative_prompt=args.negative_prompt,
-        pretrained_model_name_or_path=getattr(args, "pretrained_model_name_or_path"), revision=args.revision,
+        prompt=args.prompt, pretrained_model_name_or_path=args.pretrained_model_name_or_path, revision=args.revision,
         variant=args.variant, loras=[list(parse_lora_spec(spec)) for spec in args.lora], fuse=args.fuse,
-        seed=args.seed, steps=args.steps, guidance=args.guidance, width=args.width, height=args.height,
-        num_images=args.num_images, dtype=args.dtype).check()
+        dtype=args.dtype, **generation_fields(args)).check()
 
 
 @exit_on_user_error
