@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from glm_tune.atomic import atomic_dir
-from glm_tune.errors import UserError
+from glm_tune.errors import UserError, first_line, warn
 from glm_tune.locking import hold_output_lock
 from glm_tune.retrieval import Bm25Ranker, KnowledgeBaseRetriever, check_mode, fuse, rank_dense
 
@@ -83,13 +83,6 @@ def __getattr__(name):
 
 class SkipFile(Exception):
     """Why a file is not indexed, in a few words ("empty file", "not a readable PDF (...)")."""
-
-
-def warn(message, warnings=None):
-    """`warning: message` on stderr, and kept in `warnings` (a list) for callers that show them elsewhere."""
-    print(f"warning: {message}", file=sys.stderr, flush=True)
-    if warnings is not None:
-        warnings.append(message)
 
 
 def decode_text(data):
@@ -138,7 +131,7 @@ def _pdf_pages(data, path, warnings):
     except SkipFile:
         raise
     except Exception as err:  # pypdf raises many kinds on a damaged file
-        raise SkipFile(f"not a readable PDF ({_first_line(err)})") from None
+        raise SkipFile(f"not a readable PDF ({first_line(err)})") from None
     if not any(text.strip() for text, _ in pages):
         raise SkipFile("no text in this PDF (a scanned PDF needs OCR first)")
     return pages
@@ -152,7 +145,7 @@ def _docx_pages(data, path, warnings):
     try:
         return [(docx2txt.process(io.BytesIO(data)), {})]
     except Exception as err:  # a damaged zip, a missing word/document.xml, bad XML
-        raise SkipFile(f"not a readable Word .docx file ({_first_line(err)})") from None
+        raise SkipFile(f"not a readable Word .docx file ({first_line(err)})") from None
 
 
 def jsonl_row_text(row):
@@ -219,11 +212,6 @@ def _is_cjk(ch):
     return "\u4e00" <= ch <= "\u9fff" or "\u3000" <= ch <= "\u303f" or "\uff00" <= ch <= "\uffef"
 
 
-def _first_line(err):
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 def make_splitter(chunk_size=CHUNK_SIZE, chunk_overlap=CHUNK_OVERLAP):
     """Chinese-aware splitting: chunks of at most `chunk_size` characters, cut at the largest unit that fits
     (paragraph, line, sentence, clause), the separator kept at the end of its sentence; neighbours share up to
@@ -278,7 +266,7 @@ class Embedder:
             self.model = SentenceTransformer(_embedding_source(name))
         except Exception as err:  # a missing folder, an unknown or unreachable hub id, a folder of something else
             raise UserError(f"--embedding_model {name}: cannot load it as a sentence-transformers model "
-                            f"({_first_line(err)}); give a local model folder or a Hugging Face id (e.g. "
+                            f"({first_line(err)}); give a local model folder or a Hugging Face id (e.g. "
                             "BAAI/bge-small-zh-v1.5) that is in the cache or can be downloaded") from None
         self.dim = self.model.get_embedding_dimension()
 
@@ -372,7 +360,7 @@ def read_index(index_dir):
         if not len(ids) == len(chunks) == index.ntotal or set(ids) != set(chunks):
             raise ValueError(f"{len(ids)} chunk ids in the manifest, {len(chunks)} chunks, {index.ntotal} vectors")
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:  # faiss raises RuntimeError
-        raise UserError(f"--index_dir {index_dir}: damaged index ({_first_line(err)}); rebuild it with build_kb.py "
+        raise UserError(f"--index_dir {index_dir}: damaged index ({first_line(err)}); rebuild it with build_kb.py "
                         "--rebuild") from None
     return StoredIndex(manifest, chunks, index)
 

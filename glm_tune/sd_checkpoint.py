@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 
 from glm_tune.atomic import atomic_dir, write_json
-from glm_tune.errors import UserError
+from glm_tune.errors import UserError, first_line
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Shapes of the embedded pipeline: 32x32 images, 16x16x4 latents.
@@ -286,12 +286,6 @@ def small_sd_pipeline(**shape):
 
 
 # -- finding and loading a pipeline -----------------------------------------------------------------------------------
-
-def first_line(err):
-    """An exception's message cut to its first line (what a one-line error quotes), or its type's name."""
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
 
 FLAG = "--pretrained_model_name_or_path"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

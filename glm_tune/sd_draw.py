@@ -37,8 +37,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from glm_tune.errors import UserError
-from glm_tune.sd_checkpoint import first_line, load_pipeline, resolve_sd_path
+from glm_tune.errors import UserError, first_line
+from glm_tune.sd_checkpoint import load_pipeline, resolve_sd_path
 from glm_tune.sd_generate import DTYPES, apply_adapters, device_and_dtype, lora_file
 
 SETTINGS_VERSION = 1

@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 from glm_tune.atomic import atomic_path, write_json
-from glm_tune.errors import UserError
-from glm_tune.sd_checkpoint import DTYPES, first_line, load_pipeline, resolve_sd_path
+from glm_tune.errors import UserError, first_line
+from glm_tune.sd_checkpoint import DTYPES, load_pipeline, resolve_sd_path
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name; a folder given as an adapter is read for it
 LORA_KEY = re.compile(r"lora[._](A|B|down|up)\b|lora_(down|up)|\.alpha$")

@@ -27,8 +27,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from glm_tune.atomic import write_bytes, write_json
-from glm_tune.errors import UserError
-from glm_tune.sd_checkpoint import first_line
+from glm_tune.errors import UserError, first_line
 from glm_tune.sd_lora import IMAGE_SUFFIXES, LORA_FILE, PROGRESS_FILE, REPO_ROOT
 
 TRAIN_SCRIPT = REPO_ROOT / "APP_example" / "lora_sd" / "train_lora_sd.py"

@@ -34,10 +34,10 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from glm_tune.atomic import atomic_path, write_json
-from glm_tune.errors import UserError
+from glm_tune.errors import UserError, first_line
 from glm_tune.runtime import training_precision
 from glm_tune.training import windows
-from glm_tune.sd_checkpoint import (FLAG, add_pipeline_arguments, PREDICTION_TYPES, first_line, load_pipeline, resolve_sd_path,
+from glm_tune.sd_checkpoint import (FLAG, add_pipeline_arguments, PREDICTION_TYPES, load_pipeline, resolve_sd_path,
                                     scheduler_class)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

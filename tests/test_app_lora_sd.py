@@ -34,6 +34,7 @@ from glm_tune.sd_checkpoint import load_pipeline, resolve_sd_path, small_sd_pipe
 from glm_tune.sd_generate import (GenerationSettings, apply_adapters, colour_distance, generate, load_images,
                                   palette)
 from glm_tune.sd_lora import DEMO_INSTANCE_DIR, DEMO_PROMPT, LORA_FILE, training_target
+from hub_cache import add_to_hub_cache
 
 pytestmark = pytest.mark.filterwarnings("ignore:Unable to enable fault handler")  # @record under capsys
 ROOT = Path(__file__).resolve().parent.parent
@@ -203,20 +204,10 @@ def test_small_pipeline_is_cached_and_make_small_sd_pipeline_writes_one(folder, 
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)  # same seed, same weights
 
 
-def add_to_hub_cache(cache, repo_id, folder, commit="c" * 40):
-    """`folder` as snapshot `commit` (refs/main) of `repo_id` in a Hugging Face cache, as snapshot_download leaves
-    it (here with plain copies instead of blob links)."""
-    repo = Path(cache) / f"models--{repo_id.replace('/', '--')}"
-    shutil.copytree(folder, repo / "snapshots" / commit)
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
-    return repo / "snapshots" / commit
-
-
 def test_hub_ids_resolve_through_the_hugging_face_cache_offline(folder, tmp_path, monkeypatch):
     import huggingface_hub.constants
 
-    snapshot = add_to_hub_cache(tmp_path / "hub", "runwayml/stable-diffusion-v1-5", folder)
+    snapshot = add_to_hub_cache(tmp_path / "hub", "runwayml/stable-diffusion-v1-5", folder, "c" * 40)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     assert resolve_sd_path("runwayml/stable-diffusion-v1-5") == snapshot

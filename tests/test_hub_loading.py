@@ -5,14 +5,12 @@ answers as from the folder; every way it cannot be had is one line and exit 2. A
 per process, and on the web page."""
 
 import contextlib
-import hashlib
 import http.server
 import os
 import socket
 import subprocess
 import sys
 import threading
-from fnmatch import fnmatch
 from pathlib import Path
 
 import huggingface_hub.constants
@@ -22,39 +20,13 @@ import torch
 import glm_tune.loading as loading
 from glm_tune.errors import UserError
 from glm_tune.loading import HUB_FILES, load_model_and_tokenizer, resolve_model_path
+from hub_cache import add_to_hub_cache
 
 ROOT = Path(__file__).resolve().parent.parent
 REPO = "THUDM/chatglm-6b"
 MAIN = "a" * 8 + "0123456789abcdef0123456789abcdef"  # 40 hex digits, like a git commit id
 OLDER = "b" * 8 + "0123456789abcdef0123456789abcdef"
 SHAPE = dict(hidden_size=64, num_layers=2, num_attention_heads=4, inner_hidden_size=256, init_std=0.3)
-LFS = (".bin", ".safetensors", ".model")  # stored by the Hub in LFS: the blob is named by its sha256
-
-
-def blob_name(name, data):
-    if name.endswith(LFS):
-        return hashlib.sha256(data).hexdigest()
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()  # git's id of a plain file
-
-
-def add_to_hub_cache(cache, repo_id, folder, commit, branch=None):
-    """Put `folder`'s files that HUB_FILES asks for into `cache` as the snapshot `commit` of `repo_id`, the way
-    huggingface_hub's snapshot_download stores a download; `branch` (refs/<branch>) then names that commit."""
-    repo = Path(cache) / f"models--{repo_id.replace('/', '--')}"
-    snapshot = repo / "snapshots" / commit
-    (repo / "blobs").mkdir(parents=True, exist_ok=True)
-    snapshot.mkdir(parents=True, exist_ok=True)
-    for file in sorted(Path(folder).iterdir()):
-        if not any(fnmatch(file.name, pattern) for pattern in HUB_FILES):
-            continue  # the official *.py files are never fetched
-        data = file.read_bytes()
-        blob = repo / "blobs" / blob_name(file.name, data)
-        blob.write_bytes(data)
-        (snapshot / file.name).symlink_to(Path("..", "..", "blobs", blob.name))
-    if branch:
-        (repo / "refs").mkdir(exist_ok=True)
-        (repo / "refs" / branch).write_text(commit)  # no newline: huggingface_hub reads it back as it is
-    return snapshot
 
 
 @pytest.fixture(scope="module")
@@ -66,12 +38,13 @@ def checkpoint(make_checkpoint):
 def hub_cache(checkpoint, make_checkpoint, tmp_path_factory):
     """<cache>/models--THUDM--chatglm-6b with main and an older commit, and a repo that is not a ChatGLM-6B."""
     cache = tmp_path_factory.mktemp("hf-home") / "hub"
-    add_to_hub_cache(cache, REPO, checkpoint, MAIN, branch="main")
-    add_to_hub_cache(cache, REPO, make_checkpoint("v1.1", ("safetensors",), **SHAPE), OLDER)
+    add_to_hub_cache(cache, REPO, checkpoint, MAIN, branch="main", patterns=HUB_FILES)
+    add_to_hub_cache(cache, REPO, make_checkpoint("v1.1", ("safetensors",), **SHAPE), OLDER, branch=None,
+                     patterns=HUB_FILES)
     other = tmp_path_factory.mktemp("chatglm2")
     (other / "config.json").write_text("{}")
     (other / "tokenizer_config.json").write_text("{}")  # no ice_text.model: another model family
-    add_to_hub_cache(cache, "THUDM/chatglm2-6b", other, MAIN, branch="main")
+    add_to_hub_cache(cache, "THUDM/chatglm2-6b", other, MAIN, branch="main", patterns=HUB_FILES)
     return cache
 
 
