@@ -4,7 +4,6 @@ router adapter trained ONCE per session through the app's own code path (held-ou
 end to end on the embedded model, and the Streamlit page under AppTest."""
 
 import http.server
-import importlib.util
 import json
 import os
 import subprocess
@@ -16,7 +15,6 @@ from pathlib import Path
 
 import pytest
 from langchain_core.language_models.fake_chat_models import FakeListChatModel
-from streamlit.testing.v1 import AppTest
 
 import glm_tune.router as router
 from glm_tune.agent import COMPACT_HEADER, DONE, Agent, answer_prompt, format_trace, parse_decision, router_prompt
@@ -26,9 +24,19 @@ from glm_tune.agent_tools import (MAX_EXPRESSION_CHARS, TOOL_NAMES, WEB_SEARCH_U
 from glm_tune.errors import UserError
 from glm_tune.locking import OutputLock
 
+import app_helpers
+
 ROOT = Path(__file__).resolve().parent.parent
 APP_DIR = ROOT / "APP_example" / "chatglm_agent"
 Hit = namedtuple("Hit", "source chunk score text")
+
+
+def load_script(name):
+    return app_helpers.load_script(APP_DIR / f"{name}.py", "chatglm_agent")
+
+
+def open_page(monkeypatch, *flags):
+    return app_helpers.open_page(monkeypatch, APP_DIR / "app.py", *flags, timeout=300)
 
 
 class ScriptedChat(FakeListChatModel):
@@ -39,14 +47,6 @@ class ScriptedChat(FakeListChatModel):
     def _call(self, messages, stop=None, run_manager=None, **kwargs):
         self.prompts.append(messages[-1].text)
         return super()._call(messages, stop, run_manager, **kwargs)
-
-
-def load_script(name):
-    """An APP_example/chatglm_agent script as a module (by path: `agent` is too common a module name)."""
-    spec = importlib.util.spec_from_file_location(f"chatglm_agent_{name}", APP_DIR / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def scripted(*responses):
@@ -482,11 +482,6 @@ def test_agent_script_bad_flags_are_one_line(capsys, flags, message):
     with pytest.raises(SystemExit) as exit_info:
         load_script("agent").main(flags)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
-
-
-def open_page(monkeypatch, *flags):
-    monkeypatch.setattr(sys, "argv", ["app.py", *flags])
-    return AppTest.from_file(str(APP_DIR / "app.py"), default_timeout=300).run()
 
 
 def test_page_shows_the_steps_and_the_answer(monkeypatch, trained_router):

@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.language_models.fake_chat_models import FakeListChatModel
-from streamlit.testing.v1 import AppTest
 
 import glm_tune.knowledge_base as knowledge_base
 from glm_tune.chat_model import ChatGLM
@@ -25,6 +24,9 @@ from glm_tune.kb_chat import (NO_ANSWER, PROMPT_MARGIN, ask, build_chain, build_
                               format_context, retrieval_query, run)
 from glm_tune.knowledge_base import (SAMPLE_DOCS, SAMPLE_QUESTION, KnowledgeBase, add_files, build_index,
                                      ensure_sample_index, read_index)
+
+import app_helpers
+from app_helpers import assert_clean
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = ROOT / "APP_example" / "chat_langchain"
@@ -54,6 +56,10 @@ EN_QUESTIONS = [
 ]
 SAMPLE_FILES = 10
 FAST = ["--max_new_tokens", "8", "--no-do_sample"]
+
+
+def open_page(monkeypatch, *flags):
+    return app_helpers.open_page(monkeypatch, APP / "app.py", *flags)
 
 
 @pytest.fixture(scope="module")
@@ -397,16 +403,6 @@ def test_a_missing_index_is_one_line(tmp_path):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The web page
-
-
-def open_page(monkeypatch, *flags):
-    monkeypatch.setattr(sys, "argv", ["app.py", *flags])
-    return AppTest.from_file(APP / "app.py", default_timeout=120).run()
-
-
-def assert_clean(at):
-    assert not at.exception, [e.message for e in at.exception]
-    assert not at.error, [e.value for e in at.error]
 
 
 def test_page_answers_with_sources_and_indexes_uploads(monkeypatch, sample_index, tmp_path, kb, llm):

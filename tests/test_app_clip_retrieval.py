@@ -2,10 +2,8 @@
 generated small CLIP models, Chinese and English, and the page under AppTest. The index itself (incremental runs,
 IVF, round trips, locks) is tested with an independent embedder in test_image_index.py."""
 
-import importlib.util
 import io
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,28 +11,22 @@ from PIL import Image
 
 from glm_tune.clip_model import COLOURS, SHAPES, caption, small_clip, write_caption_images
 
+import app_helpers
+from app_helpers import assert_clean, one_line_error
+
 ROOT = Path(__file__).resolve().parent.parent
 APP = ROOT / "APP_example" / "clip_retrieval"
 
 
 def load_script(name):
-    spec = importlib.util.spec_from_file_location(f"clip_retrieval_{name}", APP / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return app_helpers.load_script(APP / f"{name}.py", "clip_retrieval")
 
 
 build, search = load_script("build_index"), load_script("search")
 
 
-def one_line_error(capsys, call, *argv):
-    with pytest.raises(SystemExit) as exit_info:
-        call(list(map(str, argv)))
-    err = capsys.readouterr().err.strip().splitlines()
-    assert exit_info.value.code == 2 and "Traceback" not in "\n".join(err)
-    errors = [line for line in err if line.startswith("error:")]
-    assert len(errors) == 1, err
-    return errors[0]
+def open_page(monkeypatch, *flags):
+    return app_helpers.open_page(monkeypatch, APP / "app.py", *flags)
 
 
 def json_hits(capsys):
@@ -129,18 +121,6 @@ def test_bad_input_is_one_line(index_dir, collection, tmp_path, capsys):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The page
-
-def open_page(monkeypatch, *flags):
-    from streamlit.testing.v1 import AppTest
-
-    monkeypatch.setattr(sys, "argv", ["app.py", *map(str, flags)])
-    return AppTest.from_file(str(APP / "app.py"), default_timeout=120).run()
-
-
-def assert_clean(at):
-    assert not at.exception, [e.message for e in at.exception]
-    assert not at.error, [e.value for e in at.error]
-
 
 def result_captions(at):
     """The result grid's captions, in order: "**score** · relative path"."""

@@ -37,6 +37,9 @@ from glm_tune.sd_lora import DEMO_INSTANCE_DIR, DEMO_PROMPT, LORA_FILE, training
 from hub_cache import add_to_hub_cache
 
 pytestmark = pytest.mark.filterwarnings("ignore:Unable to enable fault handler")  # @record under capsys
+import app_helpers
+from app_helpers import assert_clean, one_line_error
+
 ROOT = Path(__file__).resolve().parent.parent
 APP = ROOT / "APP_example" / "lora_sd"
 BIN = Path(sys.executable).parent
@@ -59,10 +62,11 @@ SHORT = ["--instance_data_dir", str(DEMO_INSTANCE_DIR), "--instance_prompt", DEM
 
 
 def load_script(name):
-    spec = importlib.util.spec_from_file_location(f"lora_sd_{name}", APP / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return app_helpers.load_script(APP / f"{name}.py", "lora_sd")
+
+
+def open_page(monkeypatch, *flags):
+    return app_helpers.open_page(monkeypatch, APP / "app.py", *flags)
 
 
 def reset_accelerate():
@@ -79,15 +83,6 @@ def train(*argv):
         return load_script("train_lora_sd").main(list(map(str, argv)))
     finally:
         reset_accelerate()
-
-
-def one_line_error(capsys, call, *argv):
-    with pytest.raises(SystemExit) as exit_info:
-        call(list(map(str, argv)))
-    err = capsys.readouterr().err.strip().splitlines()
-    assert exit_info.value.code == 2
-    assert len([line for line in err if line.startswith("error:")]) == 1 and "Traceback" not in "\n".join(err)
-    return [line for line in err if line.startswith("error:")][0]
 
 
 def images_np(pipe, prompt=DEMO_PROMPT, n=2, steps=10, seed=0):
@@ -518,18 +513,6 @@ def test_two_processes_of_batch_1_follow_one_process_of_batch_2(tmp_path, pipe):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The page
-
-
-def open_page(monkeypatch, *flags):
-    from streamlit.testing.v1 import AppTest
-
-    monkeypatch.setattr(sys, "argv", ["app.py", *map(str, flags)])
-    return AppTest.from_file(str(APP / "app.py"), default_timeout=120).run()
-
-
-def assert_clean(at):
-    assert not at.exception, [e.message for e in at.exception]
-    assert not at.error, [e.value for e in at.error]
 
 
 def test_page_generates_with_mixed_adapters_and_offers_a_download(monkeypatch, demo, tmp_path):

@@ -7,7 +7,6 @@ line; the page draws under AppTest and redraws only when the sketch or a setting
 Exactness claims pin fp32 on a CPU (the default here).
 """
 
-import importlib.util
 import io
 import json
 import re
@@ -26,6 +25,9 @@ from glm_tune.sd_checkpoint import small_sd_pipeline
 from glm_tune.sd_draw import (DrawSettings, Regenerator, compose_sketch, draw, lcm_scheduler, load_draw_pipeline,
                               lcm_timesteps, load_sketch)
 
+import app_helpers
+from app_helpers import one_line_error
+
 ROOT = Path(__file__).resolve().parent.parent
 APP = ROOT / "APP_example" / "real_time_draw"
 SKETCH = APP / "sample_sketch.png"
@@ -33,28 +35,15 @@ PROMPT = "an orange sun over the sea"
 
 
 def load_script(name):
-    spec = importlib.util.spec_from_file_location(f"real_time_draw_{name}", APP / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(APP))
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(APP))
-    return module
+    return app_helpers.load_script(APP / f"{name}.py", "real_time_draw")
+
+
+def open_page(monkeypatch, *flags):
+    return app_helpers.open_page(monkeypatch, APP / "app.py", *flags)
 
 
 def pixels(image):
     return np.asarray(image).astype(np.int16)
-
-
-def one_line_error(capsys, call, *argv):
-    with pytest.raises(SystemExit) as exit_info:
-        call(list(map(str, argv)))
-    err = capsys.readouterr().err.strip().splitlines()
-    assert exit_info.value.code == 2
-    lines = [line for line in err if line.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in "\n".join(err), err
-    return lines[0]
 
 
 def with_stroke(image, box=(40, 40, 200, 90), colour=(200, 20, 20)):
@@ -315,13 +304,6 @@ def test_the_handler_redraws_on_a_new_stroke_only(drawer):
     _, fresh = app.on_canvas(strokes, background, slider, drawer, state)
     assert fresh and state["regenerator"].frames == 3 and len(state["latencies"]) == 3
     assert isinstance(Regenerator()(SKETCH, settings, drawer)[0].image, Image.Image)
-
-
-def open_page(monkeypatch, *flags):
-    from streamlit.testing.v1 import AppTest
-
-    monkeypatch.setattr(sys, "argv", ["app.py", *map(str, flags)])
-    return AppTest.from_file(str(APP / "app.py"), default_timeout=120).run()
 
 
 def frames(at):

@@ -6,7 +6,6 @@ ChatGLM (its answers are unusable: the fallback) and the small Stable Diffusion 
 import hashlib
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,26 +20,20 @@ from glm_tune.image_index import ImageIndex, ensure_sample_index
 from glm_tune.image_rag import RagSettings, clean_prompt, rewrite_request, run
 from glm_tune.sd_checkpoint import load_pipeline, small_sd_pipeline
 
+import app_helpers
+from app_helpers import one_line_error
+
 ROOT = Path(__file__).resolve().parent.parent
 APP = ROOT / "APP_example" / "retrieval_image_gen"
 SD = dict(steps=4, strength=0.75, seed=5)
 
 
 def load_script(name):
-    spec = importlib.util.spec_from_file_location(f"rig_{name}", APP / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return app_helpers.load_script(APP / f"{name}.py", "retrieval_image_gen")
 
 
-def one_line_error(capsys, call, *argv):
-    with pytest.raises(SystemExit) as exit_info:
-        call(list(map(str, argv)))
-    err = capsys.readouterr().err.strip().splitlines()
-    assert exit_info.value.code == 2 and "Traceback" not in "\n".join(err)
-    errors = [line for line in err if line.startswith("error:")]
-    assert len(errors) == 1, err
-    return errors[0]
+def open_page(monkeypatch, *flags):
+    return app_helpers.open_page(monkeypatch, APP / "app.py", *flags, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -194,14 +187,6 @@ def test_bad_input_is_one_line(index_dir, tmp_path, capsys):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The page
-
-def open_page(monkeypatch, *flags):
-    from streamlit.testing.v1 import AppTest
-
-    monkeypatch.setattr(sys, "argv", ["app.py", *map(str, flags)])
-    at = AppTest.from_file(str(APP / "app.py"), default_timeout=300)
-    return at.run()
-
 
 def test_page_shows_the_three_stages_side_by_side(monkeypatch, index_dir):
     at = open_page(monkeypatch, "--index_dir", index_dir)

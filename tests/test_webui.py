@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 import torch
 from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
-from streamlit.testing.v1 import AppTest
 
 import tokenize_dataset_rows_belle
 import webui.common as common
@@ -28,19 +27,15 @@ from glm_tune.feedback_store import FeedbackStore, JsonlTable, training_prompt
 from glm_tune.loading import load_model_and_tokenizer
 from glm_tune.lora import add_lora
 
+import app_helpers
+from app_helpers import assert_clean
+
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--max_length", "40", "--temperature", "0"]  # greedy, a few tokens: the answers below are reproducible
 
 
 def open_page(monkeypatch, page, *flags):
-    """A new browser session on webui/`page`, the server started as `streamlit run webui/page -- flags`."""
-    monkeypatch.setattr(sys, "argv", [page, *flags])
-    return AppTest.from_file(ROOT / "webui" / page, default_timeout=120).run()
-
-
-def assert_clean(at):
-    assert not at.exception, [e.message for e in at.exception]
-    assert not at.error, [e.value for e in at.error]
+    return app_helpers.open_page(monkeypatch, ROOT / "webui" / page, *flags)
 
 
 def greedy_answer(model_and_tokenizer, query, history=(), max_length=40):
