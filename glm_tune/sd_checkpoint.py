@@ -47,6 +47,22 @@ from glm_tune.atomic import atomic_dir, write_json
 from glm_tune.errors import UserError, first_line
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _without_torchvision_notes():
+    """diffusers' pipelines name transformers' image processors (CLIPImageProcessor, Siglip...), and transformers 5
+    says on each first use that torchvision is missing and it falls back to the PIL backend. That is this project's
+    choice (PyPI's torchvision is a CUDA build, and it would replace a CPU torch), so the notes are dropped."""
+    import logging
+
+    class DropTorchvisionFallback(logging.Filter):
+        def filter(self, record):
+            return "requires torchvision (not installed)" not in record.getMessage()
+
+    logging.getLogger("transformers.utils.import_utils").addFilter(DropTorchvisionFallback())
+
+
+_without_torchvision_notes()
 # Shapes of the embedded pipeline: 32x32 images, 16x16x4 latents.
 SMALL_SD_SHAPE = dict(resolution=32, text_hidden=32, text_layers=2, unet_channels=(32, 64), vae_channels=16,
                       prediction_type="sample")
