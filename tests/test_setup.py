@@ -34,7 +34,8 @@ def test_setup_installs_the_apps_libraries_without_replacing_torch():
     assert '-r APP_example/requirements.txt -c "$TORCH_PIN"' in script  # the installed torch, pinned
     names = {re.split(r"[<>=\s#]", line.strip())[0].lower() for line in
              (ROOT / "APP_example/requirements.txt").read_text().splitlines() if line.strip()[:1].isalpha()}
-    assert {"langchain-core", "faiss-cpu", "sentence-transformers", "rank-bm25", "jieba", "pypdf"} <= names
+    assert {"langchain-core", "faiss-cpu", "sentence-transformers", "rank-bm25", "jieba", "pypdf",
+            "noto-cjk[sans]", "rapidocr", "onnxruntime"} <= names
     assert not names & {"torch", "open-clip-torch", "timm", "torchvision"}  # packages that pull a CUDA torch
 
 
