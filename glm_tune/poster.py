@@ -27,28 +27,25 @@ sd_generate for GPUs).
 """
 
 import io
-import json
 import math
 import re
-import tempfile
 import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from glm_tune.atomic import atomic_path, write_json
-from glm_tune.errors import UserError, first_line, warn
+from glm_tune.errors import UserError
 from glm_tune.locking import hold_output_lock
 from glm_tune.poster_layout import Layout, make_layout, render_poster
 from glm_tune.poster_plan import FIELDS, PosterPlan, check_theme, parse_plan, plan_prompt, read_plan, write_plan
 from glm_tune.poster_review import review_poster, write_review
+from glm_tune.run_folder import ModelIdentities, RunFolder, prepare_out_dir, read_json
 from glm_tune.sd_generate import GenerationSettings, file_sha256, fit_image
 
 STAGES = ("plan", "paint", "layout", "render", "review")
 FILES = {"plan": ("plan.json",), "paint": ("background.png", "background.json"), "layout": ("layout.json",),
          "render": ("poster.png",), "review": ("review.json",)}
-RUN_FILE = "run.json"
-RUN_VERSION = 1
 SAMPLE_THEME = "五一劳动节促销"  # the embedded default's theme
 DEFAULT_SIZE = (768, 1024)
 MIN_SIDE, MAX_SIDE = 64, 4096
@@ -75,7 +72,7 @@ def check_size(size, flag="--size"):
 
 
 @dataclass
-class PosterSettings:
+class PosterSettings(ModelIdentities):
     """What a run is made with besides the theme or plan; each is a flag of poster.py."""
 
     size: tuple = DEFAULT_SIZE
@@ -110,14 +107,6 @@ class PosterSettings:
                                   revision=self.sd_revision, variant=self.variant, dtype=self.sd_dtype,
                                   seed=self.seed, steps=self.steps, guidance=self.guidance,
                                   width=paint_size[0], height=paint_size[1])
-
-    def chatglm_identity(self):
-        return {"model_name_or_path": self.model_name_or_path, "revision": self.revision,
-                "lora_path": str(Path(self.lora_path).resolve()) if self.lora_path else None, "dtype": self.dtype}
-
-    def pipeline_identity(self):
-        return {"pretrained_model_name_or_path": self.pretrained_model_name_or_path, "revision": self.sd_revision,
-                "variant": self.variant, "dtype": self.sd_dtype}
 
 
 def open_background(path, flag="--background"):
@@ -206,64 +195,6 @@ def review(poster, layout, plan):
 
 # -- the run folder ---------------------------------------------------------------------------------------------------
 
-def prepare_out_dir(out_dir, flag="--out"):
-    """`out_dir`, created and checked writable (one-line UserError otherwise)."""
-    path = Path(out_dir)
-    if path.exists() and not path.is_dir():
-        raise UserError(f"{flag} {path}: not a folder")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as err:
-        raise UserError(f"{flag} {path}: cannot write there ({err.strerror or first_line(err)})") from None
-    return path
-
-
-def read_json(path):
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise UserError(f"{path}: cannot read it as JSON ({first_line(err)}); delete it, or --redo its stage") \
-            from None
-
-
-def _plain(value):
-    """`value` as it reads back from JSON (tuples become lists), so that recorded and new inputs compare."""
-    return json.loads(json.dumps(value, ensure_ascii=False))
-
-
-class RunFolder:
-    """The run folder, and run.json: for each stage, the inputs it was made from and the sha256 of what it wrote."""
-
-    def __init__(self, out_dir):
-        self.dir = Path(out_dir)
-        self.records = {}
-        path = self.dir / RUN_FILE
-        if path.exists():
-            try:
-                self.records = dict(json.loads(path.read_text(encoding="utf-8"))["stages"])
-            except (OSError, ValueError, KeyError, TypeError) as err:
-                warn(f"{path}: unreadable ({first_line(err)}), so every stage is made again")
-
-    def path(self, name):
-        return self.dir / name
-
-    def reusable(self, stage, inputs):
-        record = self.records.get(stage) or {}
-        return record.get("inputs") == _plain(inputs) and all(self.path(f).is_file() for f in FILES[stage])
-
-    def edited(self, stage):
-        """The stage's files that differ from what it wrote (edited by hand since)."""
-        written = (self.records.get(stage) or {}).get("sha256", {})
-        return [f for f in FILES[stage] if written.get(f) != file_sha256(self.path(f))]
-
-    def made(self, stage, inputs):
-        self.records[stage] = {"inputs": _plain(inputs),
-                               "sha256": {f: file_sha256(self.path(f)) for f in FILES[stage]}}
-        write_json(self.path(RUN_FILE), {"version": RUN_VERSION, "stages": self.records})
-
-
 def save_png(image, path):
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG")
@@ -344,7 +275,7 @@ def run_poster(theme, settings, out_dir, plan=None, redo=None, llm=None, pipe=No
         raise UserError(f"--redo {redo}: choose one of {', '.join(STAGES)}")
     out_dir = prepare_out_dir(out_dir)
     with hold_output_lock(out_dir, "--out"):
-        steps = _Steps(RunFolder(out_dir), settings, STAGES[STAGES.index(redo):] if redo else (), log)
+        steps = _Steps(RunFolder(out_dir, FILES), settings, STAGES[STAGES.index(redo):] if redo else (), log)
         plan = steps.plan(theme, plan, llm)
         background, background_record = steps.paint(plan, pipe)
         layout = steps.layout(plan, background)

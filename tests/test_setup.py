@@ -35,7 +35,8 @@ def test_setup_installs_the_apps_libraries_without_replacing_torch():
     names = {re.split(r"[<>=\s#]", line.strip())[0].lower() for line in
              (ROOT / "APP_example/requirements.txt").read_text().splitlines() if line.strip()[:1].isalpha()}
     assert {"langchain-core", "faiss-cpu", "sentence-transformers", "rank-bm25", "jieba", "pypdf",
-            "noto-cjk[sans]", "rapidocr", "onnxruntime"} <= names
+            "noto-cjk[sans]", "rapidocr", "onnxruntime", "espeakng-loader", "scipy",
+            "opencv-python-headless", "imageio-ffmpeg"} <= names
     assert not names & {"torch", "open-clip-torch", "timm", "torchvision"}  # packages that pull a CUDA torch
 
 
