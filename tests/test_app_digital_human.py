@@ -128,6 +128,21 @@ def test_deleting_the_voice_redoes_only_voice_lipsync_and_mux(default_run, tmp_p
     assert [s for s, how in redone.status.items() if how == "made"] == ["portrait", "motion", "lipsync", "mux"]
 
 
+def test_with_a_voice_reference_the_voice_has_its_pitch(default_run, tmp_path, capsys):
+    """Voice matching through the pipeline: a reference spoken higher and faster (espeak's female variant) -> the
+    run's voice.wav has the reference's median F0 within 15%, where the default voice is far from it."""
+    reference = voice.synthesize("今天我们来聊一聊怎样把一件小事做好。", tmp_path / "reference.wav",
+                                 voice.VoiceSettings(variant="f2", pitch=70, rate_wpm=210))
+    want = voice.median_f0(*voice.read_wav(reference))
+    _, out, _ = default_run
+    default_f0 = voice.median_f0(*voice.read_wav(out / "voice.wav"))
+    _, run = run_script(capsys, "--script", APP / "sample_script.txt", "--portrait", APP / "sample_portrait.png",
+                        "--voice_ref", reference, "--out", tmp_path / "matched")
+    got = voice.median_f0(*voice.read_wav(tmp_path / "matched" / "voice.wav"))
+    assert abs(got - want) / want <= 0.15 < abs(default_f0 - want) / want
+    assert run.status["voice"] == "made"
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # A topic: ChatGLM's script (or the template), a painted portrait
 
