@@ -1,7 +1,10 @@
-"""What the script and page tests of the apps share: a script loaded by its path, a script's one-line error, a
-Streamlit page opened under AppTest as `streamlit run PAGE -- flags` starts it, and a page that shows no error."""
+"""What the script and page tests of the apps share: a script loaded by its path, a script's one-line error, a run in
+another working directory, a Streamlit page opened under AppTest as `streamlit run PAGE -- flags` starts it, and a
+page that shows no error."""
 
+import contextlib
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -45,3 +48,14 @@ def open_page(monkeypatch, page, *flags, timeout=120):
 def assert_clean(at):
     assert not at.exception, [e.message for e in at.exception]
     assert not at.error, [e.value for e in at.error]
+
+
+@contextlib.contextmanager
+def working_directory(path):
+    """Run the block in `path` (a script's default output folder is relative to where it runs)."""
+    old = os.getcwd()
+    os.chdir(path)
+    try:
+        yield Path(path)
+    finally:
+        os.chdir(old)

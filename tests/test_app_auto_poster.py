@@ -171,13 +171,8 @@ def test_size_is_width_x_height_in_multiples_of_8():
 @pytest.fixture(scope="module")
 def default_run(tmp_path_factory):
     """`python APP_example/auto_poster/poster.py` with no arguments, in a fresh working directory."""
-    cwd = tmp_path_factory.mktemp("default")
-    old = os.getcwd()
-    os.chdir(cwd)
-    try:
+    with app_helpers.working_directory(tmp_path_factory.mktemp("default")) as cwd:
         return script()([]), cwd
-    finally:
-        os.chdir(old)
 
 
 def test_the_embedded_default_makes_the_sample_theme_poster_and_it_passes_its_own_review(default_run):

@@ -3,7 +3,6 @@ animation -> the mouth opening with the voice's loudness -> talk.mp4 (H.264 + AA
 folder, reused unless its inputs or a stage it reads changed; any stage but mux can be an external command."""
 
 import json
-import os
 import shutil
 import sys
 import time
@@ -40,15 +39,10 @@ def run_script(capsys, *argv):
 @pytest.fixture(scope="module")
 def default_run(tmp_path_factory):
     """`python APP_example/digital_human/pipeline.py` with no arguments, in a fresh working directory, timed."""
-    cwd = tmp_path_factory.mktemp("default")
-    old = os.getcwd()
-    os.chdir(cwd)
-    try:
+    with app_helpers.working_directory(tmp_path_factory.mktemp("default")) as cwd:
         start = time.perf_counter()
         run = script()([])
         return run, cwd / "output" / "digital_human", time.perf_counter() - start
-    finally:
-        os.chdir(old)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
