@@ -22,6 +22,7 @@ import threading
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import DynamicCache
 from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
@@ -239,6 +240,44 @@ class PrefixEncoder(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Loss
+
+# fp32 logits per loss chunk. At the 6B vocab (130528) this is 512 tokens: large enough for an efficient LM-head matmul,
+# small enough that a chunk's transients (bf16 + fp32 logits, log-softmax, their gradients: ~4x this) stay well under
+# one full-sequence fp32 logits tensor (2048 tokens: 1.07 GB).
+LOSS_CHUNK_BYTES = 256 * 2**20
+
+
+def _chunk_loss_sum(lm_head, hidden, labels):
+    logits = lm_head(hidden).float()
+    return F.cross_entropy(logits, labels.to(logits.device), reduction="sum")
+
+
+def chunked_lm_loss(hidden_states, lm_head, labels, num_items_in_batch=None, chunk_tokens=None):
+    """The shifted cross entropy of `lm_head(hidden_states)` against `labels` (-100 ignored), equal to the fp32 loss
+    on full logits but computed on the labelled positions only, `chunk_tokens` at a time (default: LOSS_CHUNK_BYTES
+    of fp32 logits). Each chunk is checkpointed: its logits are recomputed in backward instead of kept.
+
+    Mean over the labelled tokens, or with `num_items_in_batch` their sum divided by it. No labelled token: nan (mean)
+    or 0 (sum), as F.cross_entropy."""
+    labels = labels[:, 1:].to(hidden_states.device)
+    keep = labels != -100
+    hidden, labels = hidden_states[:, :-1][keep], labels[keep]
+    if chunk_tokens is None:
+        chunk_tokens = max(1, LOSS_CHUNK_BYTES // (4 * lm_head.out_features))
+    total = 0
+    for start in range(0, max(len(labels), 1), chunk_tokens):  # one (empty) chunk when nothing is labelled
+        args = (lm_head, hidden[start:start + chunk_tokens], labels[start:start + chunk_tokens])
+        if torch.is_grad_enabled():
+            total = total + checkpoint(_chunk_loss_sum, *args, use_reentrant=False)
+        else:
+            total = total + _chunk_loss_sum(*args)
+    if num_items_in_batch is None:
+        return total / len(labels)
+    return total / torch.as_tensor(num_items_in_batch, device=total.device)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Models
 
 
@@ -415,8 +454,13 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         use_cache=None,
         logits_to_keep=0,
         return_dict=None,
+        return_logits=None,
         **kwargs,
     ):
+        """With `labels`, the loss is the shifted token cross entropy in fp32. `return_logits` (default: no labels, or
+        gradients disabled) says whether `logits` are computed too; a training step (labels, gradients on) gets
+        `logits=None` and a loss computed in chunks over the labelled positions only (chunked_lm_loss), so the full
+        [tokens, vocab] fp32 logits and their gradient never exist. Pass `return_logits=True` to get both."""
         outputs = self.transformer(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -430,15 +474,19 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
             hidden_states = hidden_states[:, -logits_to_keep:]
         elif isinstance(logits_to_keep, torch.Tensor):
             hidden_states = hidden_states[:, logits_to_keep]
-        logits = self.lm_head(hidden_states)
+        if return_logits is None:
+            return_logits = labels is None or not torch.is_grad_enabled()
+        logits = self.lm_head(hidden_states) if return_logits else None
 
+        # Loss in fp32 whatever the weights' dtype (the seed's CastOutputToFloat). With `num_items_in_batch` (the
+        # labelled tokens of a whole accumulation window, over every process) it is the window's token sum divided by
+        # that count, so accumulated and data-parallel gradients equal one big batch's.
         loss = None
-        if labels is not None:
-            # Loss in fp32 whatever the weights' dtype (the seed's CastOutputToFloat). With `num_items_in_batch` (the
-            # labelled tokens of a whole accumulation window, over every process) it is the window's token sum
-            # divided by that count, so accumulated and data-parallel gradients equal one big batch's.
+        num_items_in_batch = kwargs.get("num_items_in_batch")
+        if labels is not None and logits is None:
+            loss = chunked_lm_loss(hidden_states, self.lm_head, labels, num_items_in_batch)
+        elif labels is not None:
             labels = labels.to(logits.device)
-            num_items_in_batch = kwargs.get("num_items_in_batch")
             loss = F.cross_entropy(
                 logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100,
                 reduction="mean" if num_items_in_batch is None else "sum",

@@ -3,12 +3,18 @@
     python bench/bench_model.py --config small --dtype fp32            # all three benchmarks, well under a minute
     python bench/bench_model.py --config mid --train --steps 2         # LoRA training throughput only
     python bench/bench_model.py --config 6b --device cuda --json out.json
+    python bench/bench_model.py --config mid --profile                 # where the time of one step goes
 
 Benchmarks (none selected = all three):
   --train     LoRA (r=8, alpha=32, dropout 0.1 on query_key_value) forward+backward+AdamW step, tokens/s (median)
   --memory    peak memory of one training step at --memory_seq_len x batch 1, in a fresh subprocess
               (CPU: peak RSS of that process; CUDA: torch.cuda.max_memory_allocated; both include the weights)
   --generate  greedy generate() with KV cache: new tokens/s and time to first token, at each --gen_batch_sizes
+  --profile   torch.profiler's top --profile_rows ops by self time (CPU; CUDA: device) of one training step
+              (--seq_len x --batch_size) and of one decode step (batch 1 after --prompt_len); prints tables only
+
+The loss of a training step is computed in chunks over the labelled positions (no full fp32 logits);
+--full_logits measures the previous way (return_logits=True: full logits, one cross entropy) for comparison.
 """
 
 import argparse
@@ -26,7 +32,7 @@ from _common import (
 from configuration_chatglm import ChatGLMConfig
 from glm_tune.checkpoint import SMALL_SHAPE
 from glm_tune.runtime import DTYPE_CHOICES, parse_dtype
-from modeling_chatglm import ChatGLMForConditionalGeneration
+from modeling_chatglm import ChatGLMForConditionalGeneration, get_position_ids
 
 PRESETS = {
     "small": dict(SMALL_SHAPE, vocab_size=4032),
@@ -81,8 +87,8 @@ def add_lora(model, gradient_checkpointing):
     return model, optimizer
 
 
-def train_step(model, optimizer, ids, labels):
-    loss = model(input_ids=ids, labels=labels).loss
+def train_step(model, optimizer, ids, labels, full_logits=False):
+    loss = model(input_ids=ids, labels=labels, return_logits=full_logits).loss
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -94,12 +100,12 @@ def bench_train(model, config, args, device):
     gen = torch.Generator().manual_seed(0)
     ids, labels = training_batch(config, args.batch_size, args.seq_len, device, gen)
     for _ in range(args.warmup):  # first steps allocate optimizer state and warm the allocator / kernels
-        train_step(model, optimizer, ids, labels)
+        train_step(model, optimizer, ids, labels, args.full_logits)
     times = []
     for _ in range(args.steps):
         sync(device)
         start = time.perf_counter()
-        train_step(model, optimizer, ids, labels)
+        train_step(model, optimizer, ids, labels, args.full_logits)
         sync(device)
         times.append(time.perf_counter() - start)
     step = statistics.median(times)
@@ -116,7 +122,7 @@ def memory_child(args):
     baseline = peak_memory_bytes(device) if device.type == "cpu" else 0
     model, optimizer = add_lora(build_model(config, dtype, device), args.gradient_checkpointing)
     ids, labels = training_batch(config, 1, args.memory_seq_len, device, torch.Generator().manual_seed(0))
-    train_step(model, optimizer, ids, labels)
+    train_step(model, optimizer, ids, labels, args.full_logits)
     sync(device)
     report_memory({"peak_memory_gb": peak_memory_bytes(device) / 1e9, "baseline_rss_gb": baseline / 1e9})
 
@@ -158,6 +164,46 @@ def bench_generate(model, config, args, device):
     return results
 
 
+def print_top_ops(title, fn, device, rows):
+    """Run fn() once under torch.profiler and print its `rows` ops with the most self time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        fn()
+        sync(device)
+    print(f"\n{title}")
+    print(prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
+                                    row_limit=rows))
+
+
+def profile_steps(model, config, args, device):
+    """Top ops of one decode step (KV cache, batch 1) and then of one LoRA training step, each after a warm-up."""
+    model.eval()
+    gen = torch.Generator().manual_seed(1)
+    prompt = torch.cat([random_text(config, 1, args.prompt_len - 2, gen),
+                        torch.tensor([[config.gmask_token_id, config.bos_token_id]])], dim=1).to(device)
+    with torch.inference_mode():
+        rows = prompt
+        out = model(input_ids=prompt, use_cache=True)
+
+        def decode():
+            nonlocal rows, out
+            rows = torch.cat([rows, out.logits[:, -1:].argmax(-1)], dim=1)
+            position_ids = get_position_ids(rows, config)[..., -1:]  # as prepare_inputs_for_generation
+            out = model(input_ids=rows[:, -1:], position_ids=position_ids, cache=out.cache, use_cache=True)
+
+        decode()  # warm-up
+        print_top_ops(f"decode step (batch 1, {rows.shape[1]} tokens in the cache)", decode, device,
+                      args.profile_rows)
+
+    model, optimizer = add_lora(model, args.gradient_checkpointing)
+    ids, labels = training_batch(config, args.batch_size, args.seq_len, device, torch.Generator().manual_seed(0))
+    train_step(model, optimizer, ids, labels, args.full_logits)  # warm-up: optimizer state, allocator
+    print_top_ops(f"training step ({args.seq_len}x{args.batch_size}, LoRA, forward+backward+AdamW)",
+                  lambda: train_step(model, optimizer, ids, labels, args.full_logits), device, args.profile_rows)
+
+
 def resolve(args):
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -167,7 +213,8 @@ def resolve(args):
 
 def table_rows(res):
     shape = "h{hidden_size} L{num_layers} heads{num_attention_heads} ffn{inner_hidden_size} V{vocab_size}"
-    rows = [(k, res[k]) for k in ("config", "dtype", "device", "threads")] + [("shape", shape.format(**res["shape"]))]
+    rows = [(k, res[k]) for k in ("config", "dtype", "device", "threads", "loss")]
+    rows.append(("shape", shape.format(**res["shape"])))
     if "train_tokens_per_s" in res:
         rows += [(f"train tokens/s ({res['train_batch']})", f"{res['train_tokens_per_s']:.1f}"),
                  ("train step s (median)", f"{res['train_step_s']:.3f}")]
@@ -195,6 +242,11 @@ def main():
     p.add_argument("--train", action="store_true", help="benchmark LoRA training throughput")
     p.add_argument("--memory", action="store_true", help="measure peak memory of one training step (subprocess)")
     p.add_argument("--generate", action="store_true", help="benchmark greedy generation with KV cache")
+    p.add_argument("--profile", action="store_true",
+                   help="print the top ops of one training step and one decode step (torch.profiler)")
+    p.add_argument("--profile_rows", type=int, default=15, help="ops listed per --profile table")
+    p.add_argument("--full_logits", action="store_true",
+                   help="training loss from full fp32 logits (the pre-chunking way), for comparison")
     p.add_argument("--seq_len", type=int, default=512, help="training sequence length")
     p.add_argument("--batch_size", type=int, default=4, help="training batch size")
     p.add_argument("--steps", type=int, default=3, help="timed training steps (the median is reported)")
@@ -210,7 +262,7 @@ def main():
     args = p.parse_args()
     if args.prompt_len < 3 or args.seq_len < 8 or args.memory_seq_len < 8:
         p.error("--prompt_len must be >= 3 and --seq_len / --memory_seq_len >= 8")
-    if not (args.train or args.memory or args.generate):
+    if not (args.train or args.memory or args.generate or args.profile):
         args.train = args.memory = args.generate = True
     torch.manual_seed(args.seed)
     if args._memory_child:
@@ -219,8 +271,11 @@ def main():
     device, dtype = resolve(args)
     args.threads = torch.get_num_threads()
     config = make_config(args)
+    if args.profile:
+        return profile_steps(build_model(config, dtype, device), config, args, device)
     res = {"config": args.config, "shape": {d: getattr(config, d) for d in DIMS}, "dtype": str(dtype).split(".")[-1],
-           "device": str(device), "threads": args.threads, "gradient_checkpointing": args.gradient_checkpointing}
+           "device": str(device), "threads": args.threads, "gradient_checkpointing": args.gradient_checkpointing,
+           "loss": "full logits" if args.full_logits else "chunked"}
     if args.memory:  # first, so the child never shares the GPU with this process's model
         res.update(bench_memory(args), memory_batch=f"{args.memory_seq_len}x1",
                    memory_kind="max_memory_allocated" if device.type == "cuda" else "peak RSS")
