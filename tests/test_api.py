@@ -255,3 +255,30 @@ def test_each_adapter_is_served_by_name_and_answers_as_the_adapter_does_in_proce
                         str(adapters[name]), dtype="fp32", do_sample=False, max_new_tokens=NEW).invoke(PROMPTS[3]).content
                 for name in names]
     assert served == expected and len(set(served)) == 3  # each adapter changes the answer
+
+
+def test_while_loading_every_route_but_health_answers_503_in_openai_form():
+    """Before the model is ready (load_in_background still running), as a client sees the server at start-up."""
+    from fastapi.testclient import TestClient
+
+    from glm_tune.api_server import Service, create_app
+
+    client = TestClient(create_app(Service("chatglm-small")))
+    health = client.get("/health")
+    assert health.status_code == 503 and health.json() == {"status": "loading"}
+    reply = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+    assert reply.status_code == 503 and reply.json()["error"]["code"] == "loading"
+
+
+def test_a_request_over_the_timeout_gets_504_and_frees_its_row(varied_checkpoint, tmp_path):
+    srv = Server(varied_checkpoint, tmp_path / "log.jsonl", "--request_timeout", "0.5")
+    try:
+        body = {"messages": [{"role": "user", "content": "story"}], "temperature": 0, "max_tokens": 1800,
+                "ignore_eos": True}
+        reply = httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=60)
+        assert reply.status_code == 504 and reply.json()["error"]["code"] == "timeout"
+        assert srv.health()["running"] == 0
+        short = httpx.post(srv.url + "/v1/chat/completions", json={**body, "max_tokens": 4}, timeout=60)
+        assert short.status_code == 200  # the server goes on serving
+    finally:
+        srv.stop()
