@@ -246,3 +246,10 @@ def _end_of_answer(answer_ids, tokenizer):
         if token in _eos_ids(tokenizer):
             return i + 1
     return len(answer_ids)
+
+
+def greedy_chatglm(max_new_tokens, model_name_or_path=None, revision=None, lora_path=None, dtype="auto"):
+    """A ChatGLM that decodes greedily, so that the same input always gives the same answer: what the apps' planning
+    and rewriting stages use (a rerun of a pipeline then finds its earlier stages unchanged)."""
+    return ChatGLM(model_name_or_path=model_name_or_path, revision=revision, lora_path=lora_path, dtype=dtype,
+                   do_sample=False, max_new_tokens=max_new_tokens)

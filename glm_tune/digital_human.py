@@ -211,11 +211,10 @@ def clean_script(answer, words):
 
 
 def chatglm(settings):
-    """The LangChain ChatGLM that writes the script, greedy (a topic always gives the same script)."""
-    from glm_tune.chat_model import ChatGLM
+    """The greedy ChatGLM of `settings`' ChatGLM flags."""
+    from glm_tune.chat_model import greedy_chatglm
 
-    return ChatGLM(model_name_or_path=settings.model_name_or_path, revision=settings.revision,
-                   lora_path=settings.lora_path, dtype=settings.dtype, do_sample=False, max_new_tokens=SCRIPT_TOKENS)
+    return greedy_chatglm(SCRIPT_TOKENS, settings.model_name_or_path, settings.revision, settings.lora_path, settings.dtype)
 
 
 def write_script(topic, words, llm):

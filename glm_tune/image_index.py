@@ -698,7 +698,8 @@ def sample_images():
     trained on: written once into the glm-tune cache."""
     from glm_tune.clip_model import small_clip, write_caption_images
 
-    folder = small_clip().parent / f"clip-sample-images-{small_clip().name}"
+    model = small_clip()
+    folder = model.parent / f"clip-sample-images-{model.name}"
     if not (folder / "captions.jsonl").exists():
         write_caption_images(folder)
     return folder
@@ -708,7 +709,8 @@ def default_index_dir():
     """Where the sample collection is indexed (with the embedded small CLIP) when no --index_dir is given."""
     from glm_tune.clip_model import small_clip
 
-    return small_clip().parent / f"clip-sample-index-{small_clip().name}"
+    model = small_clip()
+    return model.parent / f"clip-sample-index-{model.name}"
 
 
 def ensure_sample_index():

@@ -30,6 +30,7 @@ from glm_tune.errors import UserError
 REWRITE_PROMPT = ("把下面的画面需求改写成一条简短的英文图像生成提示词（Stable Diffusion prompt），"
                   "只输出英文提示词本身，不要解释。\n需求：{request}")
 MAX_PROMPT_CHARS = 300
+PROMPT_TOKENS = 96  # the longest answer read: a prompt is one line
 LANGUAGES = ("en", "any")
 # What models put before the prompt itself: "Prompt:", "英文提示词：", "Stable Diffusion prompt -", ...
 LABEL = re.compile(r"^\s*(?:(?:stable\s+diffusion\s+)?prompt|英文提示词|提示词|图像提示词|英文|answer|答)\s*[:：\-]\s*",
@@ -129,11 +130,10 @@ class RagResult:
 
 
 def chatglm(settings):
-    """The LangChain ChatGLM for the settings, greedy (a request always gives the same prompt)."""
-    from glm_tune.chat_model import ChatGLM
+    """The greedy ChatGLM of `settings`' ChatGLM flags."""
+    from glm_tune.chat_model import greedy_chatglm
 
-    return ChatGLM(model_name_or_path=settings.model_name_or_path, revision=settings.revision,
-                   lora_path=settings.lora_path, dtype=settings.dtype, do_sample=False, max_new_tokens=96)
+    return greedy_chatglm(PROMPT_TOKENS, settings.model_name_or_path, settings.revision, settings.lora_path, settings.dtype)
 
 
 def find_reference(index, embedder, prompt):

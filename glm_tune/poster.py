@@ -123,11 +123,10 @@ def open_background(path, flag="--background"):
 # -- the stages -------------------------------------------------------------------------------------------------------
 
 def chatglm(settings):
-    """The LangChain ChatGLM that plans, greedy (a theme always gives the same plan)."""
-    from glm_tune.chat_model import ChatGLM
+    """The greedy ChatGLM of `settings`' ChatGLM flags."""
+    from glm_tune.chat_model import greedy_chatglm
 
-    return ChatGLM(model_name_or_path=settings.model_name_or_path, revision=settings.revision,
-                   lora_path=settings.lora_path, dtype=settings.dtype, do_sample=False, max_new_tokens=PLAN_TOKENS)
+    return greedy_chatglm(PLAN_TOKENS, settings.model_name_or_path, settings.revision, settings.lora_path, settings.dtype)
 
 
 def make_plan(theme, llm):

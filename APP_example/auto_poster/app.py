@@ -19,8 +19,9 @@ import threading
 import streamlit as st
 
 from glm_tune.arguments import add_model_arguments
+from glm_tune.chat_model import greedy_chatglm
 from glm_tune.errors import UserError
-from glm_tune.poster import (SAMPLE_THEME, PosterSettings, chatglm, parse_size, preview_layout, run_poster,
+from glm_tune.poster import (PLAN_TOKENS, SAMPLE_THEME, PosterSettings, parse_size, preview_layout, run_poster,
                              sd_pipeline, zip_poster)
 from glm_tune.poster_plan import FIELDS, edited_plan
 from glm_tune.sd_checkpoint import add_pipeline_arguments
@@ -48,7 +49,7 @@ def model_settings(args, **page):
 
 @st.cache_resource(show_spinner="Loading ChatGLM (once per server)…")
 def language_model(model, revision, lora_path, dtype):
-    llm = chatglm(PosterSettings(model_name_or_path=model, revision=revision, lora_path=lora_path, dtype=dtype))
+    llm = greedy_chatglm(PLAN_TOKENS, model, revision, lora_path, dtype)
     llm.load()
     return llm
 

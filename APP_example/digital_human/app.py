@@ -19,7 +19,8 @@ from pathlib import Path
 import streamlit as st
 
 from glm_tune.arguments import add_model_arguments
-from glm_tune.digital_human import STAGES, TalkSettings, chatglm, make_talk
+from glm_tune.chat_model import greedy_chatglm
+from glm_tune.digital_human import SCRIPT_TOKENS, STAGES, TalkSettings, make_talk
 from glm_tune.errors import UserError
 from glm_tune.sd_checkpoint import add_pipeline_arguments
 from webui.common import PageArgumentParser
@@ -41,7 +42,7 @@ def server_args(argv=None):
 
 @st.cache_resource(show_spinner="Loading ChatGLM (once per server)…")
 def language_model(model, revision, lora_path, dtype):
-    llm = chatglm(TalkSettings(model_name_or_path=model, revision=revision, lora_path=lora_path, dtype=dtype))
+    llm = greedy_chatglm(SCRIPT_TOKENS, model, revision, lora_path, dtype)
     llm.load()
     return llm
 

@@ -21,7 +21,8 @@ from glm_tune.arguments import add_model_arguments
 from glm_tune.clip_model import add_clip_arguments, load_clip
 from glm_tune.errors import UserError
 from glm_tune.image_index import ImageIndex, ensure_sample_index
-from glm_tune.image_rag import LANGUAGES, RagSettings, chatglm, run
+from glm_tune.chat_model import greedy_chatglm
+from glm_tune.image_rag import LANGUAGES, PROMPT_TOKENS, RagSettings, run
 from glm_tune.sd_checkpoint import add_pipeline_arguments, load_pipeline, resolve_sd_path
 from glm_tune.sd_generate import device_and_dtype, zip_run
 from webui.common import PageArgumentParser
@@ -56,8 +57,7 @@ def clip(name, revision):
 
 @st.cache_resource(show_spinner="Loading ChatGLM (once per server)…")
 def language_model(model, revision, lora_path, dtype):
-    llm = chatglm(RagSettings(index_dir="", model_name_or_path=model, revision=revision, lora_path=lora_path,
-                              dtype=dtype))
+    llm = greedy_chatglm(PROMPT_TOKENS, model, revision, lora_path, dtype)
     llm.load()
     return llm
 
