@@ -29,6 +29,7 @@ from transformers.generation.stopping_criteria import StoppingCriteria, Stopping
 from transformers.generation.streamers import BaseStreamer
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.utils import logging
 from transformers.utils.deprecation import deprecate_kwarg
 
 try:  # loaded from a checkpoint folder by trust_remote_code
@@ -36,48 +37,65 @@ try:  # loaded from a checkpoint folder by trust_remote_code
 except ImportError:  # imported from the repository root
     from configuration_chatglm import ChatGLMConfig
 
+logger = logging.get_logger(__name__)
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Positions and masks
 
 
-def locate_prompt(input_ids, config, real=None):
-    """Index of each row's first `<sop>` (row length if none) and of its mask token.
+def continue_positions(input_ids, config, real=None, state=None):
+    """2D GLM positions [batch, 2, new] of `input_ids` [batch, new] that continue rows summarised by `state`, and the
+    state after them. A state [batch, 4] holds per row: the real tokens so far, and the index (counted in real tokens)
+    of the first [gMASK], [MASK] and <sop> among them, -1 for none yet. state=None: the rows start here.
 
-    The mask token is the first [gMASK], else the first [MASK], else the token before `<sop>`.
-    """
-    length = input_ids.shape[-1]
+    A decode step is a few [batch]-sized operations: nothing is re-derived over the rows' earlier tokens."""
+    batch, length = input_ids.shape
     if real is None:
         real = torch.ones_like(input_ids, dtype=torch.bool)
+    if state is None:
+        state = torch.tensor([0, -1, -1, -1], device=input_ids.device).expand(batch, 4)
+    count, *seen = state.unbind(-1)
+    rel = (count[:, None] + real.long().cumsum(-1) - 1).clamp(min=0)  # counted from the row's first real token
 
-    def first(token_id, default):
+    def first(token_id, before):
         hits = (input_ids == token_id) & real
-        return torch.where(hits.any(-1), hits.int().argmax(-1), default)
+        here = torch.where(hits.any(-1), rel.gather(1, hits.int().argmax(-1, keepdim=True))[:, 0], -1)
+        return torch.where(before >= 0, before, here)
 
-    sop = first(config.bos_token_id, torch.full_like(input_ids[:, 0], length))
-    mask = first(config.gmask_token_id, first(config.mask_token_id, (sop - 1).clamp(min=0)))
-    return sop, mask
+    gmask, mask, sop = (first(t, s) for t, s in zip((config.gmask_token_id, config.mask_token_id,
+                                                     config.bos_token_id), seen))
+    anchor = torch.where(gmask >= 0, gmask, torch.where(mask >= 0, mask, (sop - 1).clamp(min=0)))
+    answer = (sop[:, None] >= 0) & (rel >= sop[:, None])
+    position = torch.where(answer, anchor[:, None], rel)
+    block = torch.where(answer, rel - sop[:, None] + 1, torch.zeros_like(rel))
+    state = torch.stack((count + real.long().sum(-1), gmask, mask, sop), dim=-1)
+    return torch.stack((position, block), dim=1), state
 
 
 def get_position_ids(input_ids, config, attention_mask=None):
     """2D GLM positions [batch, 2, length] for whole rows (v1.1 rule, see the module docstring)."""
-    real = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
-    rel = (real.long().cumsum(-1) - 1).clamp(min=0)  # index counted from the row's first real token
-    sop, mask = locate_prompt(input_ids, config, real)
-    answer = torch.arange(input_ids.shape[-1], device=input_ids.device) >= sop[:, None]
-    sop_rel = rel.gather(1, sop.clamp(max=input_ids.shape[-1] - 1)[:, None])
-    position = torch.where(answer, rel.gather(1, mask[:, None]), rel)
-    block = torch.where(answer, rel - sop_rel + 1, torch.zeros_like(rel))
-    return torch.stack((position, block), dim=1)
+    real = attention_mask.bool() if attention_mask is not None else None
+    return continue_positions(input_ids, config, real)[0]
 
 
-def sdpa_attention_mask(config, inputs_embeds, input_ids=None, attention_mask=None, past_len=0, prefix_len=0):
+def prompt_lengths(input_ids, config, real, state=None):
+    """Per row, how many of `input_ids`' tokens come before the row's <sop>, when that <sop> is among them (these
+    attend bidirectionally); 0 when it is not (no <sop>, or one already in the cache: every new token is causal)."""
+    hits = (input_ids == config.bos_token_id) & (real if real is not None else True)
+    sop = torch.where(hits.any(-1), hits.int().argmax(-1), 0)
+    return sop if state is None else torch.where(state[:, 3] >= 0, 0, sop)
+
+
+def sdpa_attention_mask(config, inputs_embeds, input_ids=None, attention_mask=None, past_len=0, prefix_len=0,
+                        prompt_len=None):
     """Boolean SDPA mask [batch, 1, new, prefix + past + new], True where a query may attend; None where SDPA needs none
     (its own causal mask is exact, or a single new token sees every key).
 
     `attention_mask` is the 2D padding mask over past and new tokens, or the official collators' dense mask
     [batch, 1, L, L] (True = hidden). Key j is visible to query i when it is a real token and either j <= i (causal)
     or j lies in the bidirectional prompt before `<sop>`; P-Tuning prefix keys are visible to every query.
+    `prompt_len` [batch]: how many new tokens form the prompt (see prompt_lengths; default: derived from input_ids
+    when nothing is cached, else 0).
     """
     batch, length, device = *inputs_embeds.shape[:2], inputs_embeds.device
     if attention_mask is not None and attention_mask.dim() == 4:
@@ -88,23 +106,26 @@ def sdpa_attention_mask(config, inputs_embeds, input_ids=None, attention_mask=No
         key_real = torch.ones(batch, past_len + length, dtype=torch.bool, device=device)
     else:
         key_real = attention_mask.to(device=device, dtype=torch.bool)
-    if past_len == 0 and input_ids is not None:
-        sop, _ = locate_prompt(input_ids, config, key_real)
-        prompt_len = torch.where(sop < length, sop, 0)  # no <sop>: plain causal
-    else:  # every new token lies after <sop>: the prompt is in the cache, causal suffices
-        prompt_len = torch.zeros(batch, dtype=torch.long, device=device)
+    if length == 1 and (prompt_len is None or not bool(prompt_len.any())):  # a decode step: every real key, itself
+        if bool(key_real.all()):
+            return None
+        allowed = torch.cat((key_real[:, :-1], torch.ones_like(key_real[:, -1:])), dim=-1)
+        return F.pad(allowed, (prefix_len, 0), value=True)[:, None, None] if prefix_len else allowed[:, None, None]
+    if prompt_len is None:
+        no_prompt = torch.zeros(batch, dtype=torch.long, device=device)
+        prompt_len = prompt_lengths(input_ids, config, key_real[:, past_len:]) if past_len == 0 and input_ids \
+            is not None else no_prompt
+    prompt_len = prompt_len.to(device)
     if past_len == 0 and not prefix_len and bool(key_real.all()) and not bool(prompt_len.any()):
         return None  # plain causal: SDPA's is_causal
 
     k = torch.arange(past_len + length, device=device)
     q = torch.arange(past_len, past_len + length, device=device)
-    allowed = (k[None, None, :] <= q[None, :, None]) | (k[None, None, :] < prompt_len[:, None, None])
+    allowed = (k[None, None, :] <= q[None, :, None]) | (k[None, None, :] < past_len + prompt_len[:, None, None])
     # A padding query may see nothing; letting every query see itself keeps softmax finite. Real outputs unchanged.
     allowed = (allowed & key_real[:, None, :]) | (k[None, None, :] == q[None, :, None])
     if prefix_len:
         allowed = F.pad(allowed, (prefix_len, 0), value=True)
-    if length == 1 and bool(allowed.all()):
-        return None
     return allowed[:, None]
 
 
@@ -253,6 +274,38 @@ def _chunk_loss_sum(lm_head, hidden, labels):
     return F.cross_entropy(logits, labels.to(logits.device), reduction="sum")
 
 
+class ChunkCrossEntropy(torch.autograd.Function):
+    """Summed cross entropy of `hidden @ weight.T` (fp32 log-softmax) with a hand-written backward: the logits are
+    recomputed there and turned into their gradient in place (softmax minus one-hot), so a chunk costs two LM-head
+    matmuls forward-and-recompute, one fp32 copy each way, and no zero-filled [tokens, vocab] buffer or second
+    log-softmax as autograd's cross entropy under checkpointing has. Equal to F.cross_entropy within fp32 rounding."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels):
+        logits = (hidden @ weight.t()).float()
+        lse = torch.logsumexp(logits, dim=-1)
+        ctx.save_for_backward(hidden, weight, labels, lse)
+        return (lse - logits.gather(1, labels[:, None])[:, 0]).sum()
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight, labels, lse = ctx.saved_tensors
+        probs = (hidden @ weight.t()).float().sub_(lse[:, None]).exp_()
+        probs[torch.arange(len(labels), device=labels.device), labels] -= 1
+        grad_logits = probs.mul_(grad).to(hidden.dtype)
+        grad_hidden = grad_logits @ weight if ctx.needs_input_grad[0] else None
+        grad_weight = grad_logits.t() @ hidden if ctx.needs_input_grad[1] else None
+        return grad_hidden, grad_weight, None
+
+
+def _plain_linear(module):
+    """An nn.Linear without bias whose weight is a whole local tensor (not partitioned by ZeRO-3, not offloaded by
+    Accelerate hooks): ChunkCrossEntropy may read its weight directly."""
+    weight = getattr(module, "weight", None)
+    return (type(module) is nn.Linear and module.bias is None and weight is not None and weight.dim() == 2
+            and weight.device.type != "meta" and not hasattr(weight, "ds_id") and not hasattr(module, "_hf_hook"))
+
+
 def chunked_lm_loss(hidden_states, lm_head, labels, num_items_in_batch=None, chunk_tokens=None):
     """The shifted cross entropy of `lm_head(hidden_states)` against `labels` (-100 ignored), equal to the fp32 loss
     on full logits but computed on the labelled positions only, `chunk_tokens` at a time (default: LOSS_CHUNK_BYTES
@@ -266,9 +319,12 @@ def chunked_lm_loss(hidden_states, lm_head, labels, num_items_in_batch=None, chu
     if chunk_tokens is None:
         chunk_tokens = max(1, LOSS_CHUNK_BYTES // (4 * lm_head.out_features))
     total = 0
+    direct = torch.is_grad_enabled() and _plain_linear(lm_head) and len(labels) > 0
     for start in range(0, max(len(labels), 1), chunk_tokens):  # one (empty) chunk when nothing is labelled
         args = (lm_head, hidden[start:start + chunk_tokens], labels[start:start + chunk_tokens])
-        if torch.is_grad_enabled():
+        if direct:
+            total = total + ChunkCrossEntropy.apply(args[1], lm_head.weight, args[2])
+        elif torch.is_grad_enabled():
             total = total + checkpoint(_chunk_loss_sum, *args, use_reentrant=False)
         else:
             total = total + _chunk_loss_sum(*args)
@@ -320,6 +376,22 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
     def set_input_embeddings(self, value):
         self.word_embeddings = value
 
+    def special_tokens_in(self, inputs_embeds):
+        """Stand-in input_ids for an inputs_embeds-only call (PEFT's prompt tuning passes no ids): [gMASK], [MASK] and
+        <sop> where a row's embedding equals theirs, -1 elsewhere; that is all positions and the mask need. Embeddings
+        that were changed after the lookup hold none: the rows are then plain causal text (said once)."""
+        ids = torch.full(inputs_embeds.shape[:2], -1, dtype=torch.long, device=inputs_embeds.device)
+        table = self.word_embeddings.weight
+        if table.dim() == 2 and table.shape[0] > 0:  # (empty under ZeRO-3 partitioning)
+            for token in (self.config.gmask_token_id, self.config.mask_token_id, self.config.bos_token_id):
+                if token is not None and token < table.shape[0]:
+                    row = table[token].to(device=inputs_embeds.device, dtype=inputs_embeds.dtype)
+                    ids[(inputs_embeds == row).all(-1)] = token
+        if not bool((ids == self.config.bos_token_id).any()):
+            logger.warning_once("ChatGLM: inputs_embeds without input_ids and without the <sop> embedding: these rows "
+                                "are taken as plain causal text (pass input_ids for GLM's bidirectional prompt)")
+        return ids
+
     def prefix_key_values(self, dtype):
         """Per-layer (key, value) prefixes, each [1, heads, pre_seq_len, head_dim]."""
         cfg = self.config
@@ -338,17 +410,23 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
             cache = DynamicCache(config=self.config)
         if inputs_embeds is None:
             inputs_embeds = self.word_embeddings(input_ids)
+        elif input_ids is None:
+            input_ids = self.special_tokens_in(inputs_embeds)
         past = cache.get_seq_length() if cache is not None else 0
-        prefix_len = self.pre_seq_len or 0
-        attn_mask = sdpa_attention_mask(self.config, inputs_embeds, input_ids, attention_mask, past, prefix_len)
-
-        if position_ids is None:
-            if past:
-                raise ValueError("position_ids are required when decoding with a cache (generate() supplies them)")
-            if input_ids is None:
-                raise ValueError("position_ids are required with inputs_embeds")
-            padding = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
-            position_ids = get_position_ids(input_ids, self.config, padding)
+        length = inputs_embeds.shape[1]
+        # Where the rows stand after the cached tokens (number, [gMASK] and <sop> seen), kept on the cache by this
+        # method. A cache without it that holds entries is a prefix this model did not write (PEFT's prefix tuning):
+        # like P-Tuning v2's, its keys are visible to every token and take no positions; the rows start here.
+        state = getattr(cache, "glm_positions", None) if cache is not None else None
+        padding = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+        real = padding[:, -length:].to(device=input_ids.device, dtype=torch.bool) if padding is not None else None
+        if position_ids is None or cache is not None:
+            positions, next_state = continue_positions(input_ids, self.config, real, state)
+            position_ids = positions if position_ids is None else position_ids
+            if cache is not None:
+                cache.glm_positions = next_state
+        attn_mask = sdpa_attention_mask(self.config, inputs_embeds, input_ids, attention_mask, past,
+                                        self.pre_seq_len or 0, prompt_lengths(input_ids, self.config, real, state))
         rope = self.rotary_emb(position_ids.to(inputs_embeds.device), inputs_embeds.dtype)
 
         prefixes = self.prefix_key_values(inputs_embeds.dtype) if self.pre_seq_len else [(None, None)] * len(self.layers)
@@ -422,6 +500,21 @@ class StopOnEvent(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
+def pick_cache(cache, past_key_values):
+    """`past_key_values` is the older name of `cache`, still the one PEFT passes (so no deprecation warning).
+    generate() passes the cache under both names, and PEFT's
+    prefix tuning puts its prefix under the old one at the first step, next to generate()'s empty cache: of two
+    different caches, the one holding entries is used."""
+    if past_key_values is None or past_key_values is cache:
+        return cache
+    if cache is None:
+        return past_key_values
+    filled = [c for c in (cache, past_key_values) if c.get_seq_length()]
+    if len(filled) > 1:
+        raise ValueError("cache and past_key_values are two different caches, both holding entries: pass one")
+    return filled[0] if filled else cache
+
+
 class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "transformer.word_embeddings.weight"}
     accepts_loss_kwargs = True  # forward honours num_items_in_batch (Trainer then does not divide by accumulation)
@@ -442,7 +535,6 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value):
         self.lm_head = value
 
-    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids=None,
@@ -461,6 +553,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         gradients disabled) says whether `logits` are computed too; a training step (labels, gradients on) gets
         `logits=None` and a loss computed in chunks over the labelled positions only (chunked_lm_loss), so the full
         [tokens, vocab] fp32 logits and their gradient never exist. Pass `return_logits=True` to get both."""
+        cache = pick_cache(cache, kwargs.pop("past_key_values", None))
         outputs = self.transformer(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -498,11 +591,14 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
     # -- generation ------------------------------------------------------------------------------------------------
 
     def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
-        # GLM positions cannot be extended by "+1" as generate() does for 1D ones: derive them from the whole rows.
+        # GLM positions cannot be extended by "+1" as generate() does for 1D ones. forward() derives them: from the
+        # whole rows at the first step, then from the state it keeps on the cache (a few [batch]-sized operations per
+        # new token). None here also keeps PEFT's prompt learning from shifting them.
         kwargs.pop("position_ids", None)
         inputs = super().prepare_inputs_for_generation(input_ids, attention_mask=attention_mask, **kwargs)
-        new = inputs["input_ids"].shape[-1] if inputs.get("input_ids") is not None else inputs["inputs_embeds"].shape[1]
-        inputs["position_ids"] = get_position_ids(input_ids, self.config, attention_mask)[..., -new:]
+        inputs["position_ids"] = None
+        # Also under the name PEFT's prompt learning reads and replaces (forward() takes the cache that holds entries).
+        inputs["past_key_values"] = inputs.get("cache")
         return inputs
 
     def _stream_tokens(self, **generate_kwargs):

@@ -25,7 +25,35 @@ def target_modules(target):
 def add_lora(model, rank=8, alpha=32, dropout=0.1, target="query_key_value"):
     config = LoraConfig(task_type="CAUSAL_LM", r=rank, lora_alpha=alpha, lora_dropout=dropout,
                         target_modules=target_modules(target))
-    return get_peft_model(model, config)
+    return skip_input_casts_under_autocast(get_peft_model(model, config))
+
+
+def _dropout_is_identity(module):
+    return not module.training or all(isinstance(d, torch.nn.Identity) or d.p == 0
+                                      for d in module.lora_dropout.values())
+
+
+def _autocast_aware(module, args):
+    x = args[0] if args else None
+    if isinstance(x, torch.Tensor):
+        module.cast_input_dtype_enabled = not (torch.is_autocast_enabled(x.device.type)
+                                               and _dropout_is_identity(module))
+
+
+def skip_input_casts_under_autocast(model):
+    """PEFT keeps adapters in fp32 on a bf16/fp16 base (right for the optimizer) and casts each LoRA layer's input to
+    fp32 on every call. Under autocast, which both training scripts run in with --bf16/--fp16, the LoRA matmuls run in
+    the half dtype anyway: that cast is a copy of the activations there and back, per layer, forward and backward, for
+    bit-identical results. Each LoRA layer skips it while autocast is on and its dropout does nothing (p = 0, or
+    eval). With dropout the cast stays: bf16 dropout rounds its 1/(1-p) scale to bf16, which would change the
+    gradients by ~0.2%. Outside autocast PEFT casts as before."""
+    from peft.tuners.lora import LoraLayer
+
+    for module in model.modules():
+        if isinstance(module, LoraLayer) and not getattr(module, "_glm_autocast_hook", False):
+            module.register_forward_pre_hook(_autocast_aware)
+            module._glm_autocast_hook = True
+    return model
 
 
 def lora_state_dict(model):
@@ -78,7 +106,7 @@ def apply_adapter(model, lora_path, dropout=0.0):
     """`lora_path`: a PEFT adapter folder, a folder holding chatglm-lora.pt, or that .pt file itself."""
     path = Path(lora_path)
     if path.is_dir() and (path / "adapter_config.json").exists() and any(path.glob("adapter_model.*")):
-        return PeftModel.from_pretrained(model, str(path))
+        return skip_input_casts_under_autocast(PeftModel.from_pretrained(model, str(path)))
     pt = path / SEED_FILE if path.is_dir() else path
     if not pt.is_file():
         raise UserError(f"--lora_path {lora_path}: no adapter there (expected adapter_config.json + "

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from configuration_chatglm import ChatGLMConfig
-from modeling_chatglm import ChatGLMForConditionalGeneration, build_chat_prompt, get_position_ids
+from modeling_chatglm import (ChatGLMForConditionalGeneration, build_chat_prompt, continue_positions,
+                              get_position_ids)
 from tokenization_chatglm import ChatGLMTokenizer
 
 VOCAB, MASK, GMASK, SOP, EOP, PAD = 300, 290, 291, 294, 295, 3
@@ -64,6 +65,34 @@ def test_positions_follow_the_v11_rule_from_each_rows_first_real_token(model):
     pos = get_position_ids(torch.tensor([[10, MASK, 11, SOP, 20], [10, 11, 12, 13, 14]]), model.config)
     assert pos[0].tolist() == [[0, 1, 2, 1, 1], [0, 0, 0, 1, 2]]
     assert pos[1].tolist() == [[0, 1, 2, 3, 4], [0, 0, 0, 0, 0]]
+
+
+@pytest.mark.parametrize("split", [1, 2, 3, 5])
+def test_positions_continued_chunk_by_chunk_equal_those_of_whole_rows(model, split):
+    rows = [[10, 11, GMASK, SOP, 20, 21, 22], [12, MASK, 13, SOP, 23], [14, 15, 16], [SOP, 24, 25, 26]]
+    ids, mask = left_pad(rows)
+    whole = get_position_ids(ids, model.config, mask)
+    state, parts = None, []
+    for start in range(0, ids.shape[1], split):
+        part, state = continue_positions(ids[:, start:start + split], model.config,
+                                         mask[:, start:start + split].bool(), state)
+        parts.append(part)
+    real = mask.bool()[:, None].expand_as(whole)
+    assert torch.equal(torch.cat(parts, dim=-1)[real], whole[real])
+    assert state[:, 0].tolist() == [len(r) for r in rows]
+
+
+def test_decoding_without_position_ids_continues_from_the_cache(model):
+    ids, mask = left_pad(PROMPTS)
+    out = model(ids, attention_mask=mask, use_cache=True)
+    rows, tokens = ids, []
+    for _ in range(4):
+        token = out.logits[:, -1:].argmax(-1)
+        rows, mask = torch.cat((rows, token), 1), torch.cat((mask, torch.ones_like(token)), 1)
+        out = model(token, attention_mask=mask, cache=out.cache, use_cache=True)  # no position_ids
+        tokens.append(token)
+    assert torch.equal(torch.cat(tokens, 1), greedy(model, ids, mask[:, :ids.shape[1]])[:, :4])
+    torch.testing.assert_close(out.logits[:, -1], model(rows, attention_mask=mask).logits[:, -1], atol=1e-5, rtol=0)
 
 
 def test_cached_and_uncached_greedy_generation_give_the_same_tokens(model):
@@ -186,13 +215,12 @@ def test_closing_a_stream_early_stops_generation_and_joins_the_thread(model):
     assert len(forwards) < 50 and elapsed < 2  # generate() stopped at its next step, not after 200
 
 
-def test_past_key_values_is_the_deprecated_name_of_cache(model):
+def test_past_key_values_is_the_older_name_of_cache(model):
     ids = torch.tensor([PROMPTS[0] + [7]])
     prefix = len(PROMPTS[0])
     out = model(ids[:, :prefix], use_cache=True)
     pos = get_position_ids(ids, model.config)[..., -1:]
-    with pytest.warns(FutureWarning, match="past_key_values"):
-        old_name = model(ids[:, prefix:], position_ids=pos, past_key_values=out.cache, use_cache=True)
+    old_name = model(ids[:, prefix:], position_ids=pos, past_key_values=out.cache, use_cache=True)
     assert old_name.cache is out.cache and out.cache.get_seq_length() == prefix + 1
     torch.testing.assert_close(old_name.logits[:, -1], model(ids).logits[:, -1], atol=1e-5, rtol=0)
 
