@@ -32,7 +32,7 @@ from _common import (
 from configuration_chatglm import ChatGLMConfig
 from glm_tune.checkpoint import SMALL_SHAPE
 from glm_tune.runtime import DTYPE_CHOICES, parse_dtype
-from modeling_chatglm import ChatGLMForConditionalGeneration, get_position_ids
+from modeling_chatglm import ChatGLMForConditionalGeneration
 
 PRESETS = {
     "small": dict(SMALL_SHAPE, vocab_size=4032),
@@ -87,8 +87,10 @@ def add_lora(model, gradient_checkpointing):
     return model, optimizer
 
 
-def train_step(model, optimizer, ids, labels, full_logits=False):
-    loss = model(input_ids=ids, labels=labels, return_logits=full_logits).loss
+def train_step(model, optimizer, ids, labels, full_logits=False, autocast=False):
+    dtype = next(p.dtype for p in model.parameters() if not p.requires_grad)
+    with torch.autocast(ids.device.type, dtype=dtype, enabled=autocast and dtype != torch.float32):
+        loss = model(input_ids=ids, labels=labels, return_logits=full_logits).loss
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -100,12 +102,12 @@ def bench_train(model, config, args, device):
     gen = torch.Generator().manual_seed(0)
     ids, labels = training_batch(config, args.batch_size, args.seq_len, device, gen)
     for _ in range(args.warmup):  # first steps allocate optimizer state and warm the allocator / kernels
-        train_step(model, optimizer, ids, labels, args.full_logits)
+        train_step(model, optimizer, ids, labels, args.full_logits, args.autocast)
     times = []
     for _ in range(args.steps):
         sync(device)
         start = time.perf_counter()
-        train_step(model, optimizer, ids, labels, args.full_logits)
+        train_step(model, optimizer, ids, labels, args.full_logits, args.autocast)
         sync(device)
         times.append(time.perf_counter() - start)
     step = statistics.median(times)
@@ -122,7 +124,7 @@ def memory_child(args):
     baseline = peak_memory_bytes(device) if device.type == "cpu" else 0
     model, optimizer = add_lora(build_model(config, dtype, device), args.gradient_checkpointing)
     ids, labels = training_batch(config, 1, args.memory_seq_len, device, torch.Generator().manual_seed(0))
-    train_step(model, optimizer, ids, labels, args.full_logits)
+    train_step(model, optimizer, ids, labels, args.full_logits, args.autocast)
     sync(device)
     report_memory({"peak_memory_gb": peak_memory_bytes(device) / 1e9, "baseline_rss_gb": baseline / 1e9})
 
@@ -190,8 +192,8 @@ def profile_steps(model, config, args, device):
         def decode():
             nonlocal rows, out
             rows = torch.cat([rows, out.logits[:, -1:].argmax(-1)], dim=1)
-            position_ids = get_position_ids(rows, config)[..., -1:]  # as prepare_inputs_for_generation
-            out = model(input_ids=rows[:, -1:], position_ids=position_ids, cache=out.cache, use_cache=True)
+            # as generate() calls it: positions continue from the state the model keeps on the cache
+            out = model(input_ids=rows[:, -1:], cache=out.cache, use_cache=True)
 
         decode()  # warm-up
         print_top_ops(f"decode step (batch 1, {rows.shape[1]} tokens in the cache)", decode, device,
@@ -199,9 +201,10 @@ def profile_steps(model, config, args, device):
 
     model, optimizer = add_lora(model, args.gradient_checkpointing)
     ids, labels = training_batch(config, args.batch_size, args.seq_len, device, torch.Generator().manual_seed(0))
-    train_step(model, optimizer, ids, labels, args.full_logits)  # warm-up: optimizer state, allocator
+    step = lambda: train_step(model, optimizer, ids, labels, args.full_logits, args.autocast)  # noqa: E731
+    step()  # warm-up: optimizer state, allocator
     print_top_ops(f"training step ({args.seq_len}x{args.batch_size}, LoRA, forward+backward+AdamW)",
-                  lambda: train_step(model, optimizer, ids, labels, args.full_logits), device, args.profile_rows)
+                  step, device, args.profile_rows)
 
 
 def resolve(args):
@@ -247,6 +250,10 @@ def main():
     p.add_argument("--profile_rows", type=int, default=15, help="ops listed per --profile table")
     p.add_argument("--full_logits", action="store_true",
                    help="training loss from full fp32 logits (the pre-chunking way), for comparison")
+    p.add_argument("--autocast", action="store_true",
+                   help="run the training forward under torch.autocast in the weights' dtype, as finetune.py and "
+                        "multi_gpu_fintune_belle.py do with --bf16/--fp16 (default: plain bf16 weights, PEFT's fp32 "
+                        "adapters; the pre-issue-16 benchmark)")
     p.add_argument("--seq_len", type=int, default=512, help="training sequence length")
     p.add_argument("--batch_size", type=int, default=4, help="training batch size")
     p.add_argument("--steps", type=int, default=3, help="timed training steps (the median is reported)")
