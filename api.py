@@ -32,7 +32,7 @@ from glm_tune.errors import UserError, exit_on_user_error
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_model_arguments(parser, lora=False)
+    add_model_arguments(parser, lora=False, ptuning=True)
     parser.add_argument("--lora_path", action="append", default=[], metavar="[NAME=]PATH",
                         help=LORA_HELP + "; repeatable: each adapter is served by name, NAME=PATH names it (default "
                                          "name: the folder's)")
@@ -73,7 +73,7 @@ def load_engine(args, adapters):
     from glm_tune.serving import BatchEngine
 
     model, tokenizer = load_model_and_tokenizer(args.model_name_or_path, None, dtype=args.dtype,
-                                                revision=args.revision)
+                                                revision=args.revision, ptuning_checkpoint=args.ptuning_checkpoint)
     if torch.cuda.is_available():
         model = model.cuda()
     internal = {}  # served name -> PEFT adapter name
@@ -129,6 +129,9 @@ class DrainingServer(uvicorn.Server):
 def main(argv=None):
     args = parse_args(argv)
     adapters = adapter_names(args.lora_path)
+    if adapters and args.ptuning_checkpoint:
+        raise UserError("--lora_path and --ptuning_checkpoint: give one of them (a model has LoRA adapters or a "
+                        "P-Tuning prefix)")
     for name, path in adapters.items():
         if not Path(path).exists():
             raise UserError(f"--lora_path {path}: no such file or folder")

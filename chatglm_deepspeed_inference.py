@@ -54,8 +54,13 @@ def main(argv=None):
         # another job, stops every rank (with plain python: the one process) instead of leaving the others waiting.
         with hold_output_lock(args.output):
             done = run_on_rank0(lambda: job.results.finished_ids(job.rows))
+            if args.ptuning_checkpoint and world > 1:
+                raise UserError(f"--ptuning_checkpoint with {world} ranks: DeepSpeed's tensor parallelism does not "
+                                "split the P-Tuning prefix over the ranks; run one rank (python "
+                                "chatglm_deepspeed_inference.py ...)")
             model, tokenizer = load_model_and_tokenizer(args.model_name_or_path, args.lora_path, args.dtype,
-                                                        merge_adapter=True, revision=args.revision)
+                                                        merge_adapter=True, revision=args.revision,
+                                                        ptuning_checkpoint=args.ptuning_checkpoint)
             if use_deepspeed:
                 model = init_inference(model, args.kernel_inject)
                 if world > 1 and rank == 0:

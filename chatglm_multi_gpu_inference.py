@@ -81,7 +81,8 @@ def main(argv=None):
         done = job.results.finished_ids(job.rows)
         model, tokenizer = load_model_and_tokenizer(
             args.model_name_or_path, args.lora_path, args.dtype, device_map="auto" if split else None,
-            max_memory=max_memory, offload_folder=args.offload_folder or temporary_folder, revision=args.revision)
+            max_memory=max_memory, offload_folder=args.offload_folder or temporary_folder, revision=args.revision,
+            ptuning_checkpoint=args.ptuning_checkpoint)
         if split:
             print(f"device map: {describe_device_map(model.hf_device_map)}")
         else:

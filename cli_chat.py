@@ -25,7 +25,7 @@ _MAY_STILL_CHANGE = tuple(",!:;?")
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_arguments(parser)
+    add_model_arguments(parser, ptuning=True)
     add_sampling_arguments(parser, do_sample=True, max_length=True)
     return parser.parse_args(argv)
 
@@ -49,7 +49,8 @@ def main(argv=None, stdin=None, out=None):
     args = parse_args(argv)
     stdin, out = stdin or sys.stdin, out or sys.stdout
     model, tokenizer = load_model_and_tokenizer(args.model_name_or_path, args.lora_path, args.dtype,
-                                                merge_adapter=True, revision=args.revision)
+                                                merge_adapter=True, revision=args.revision,
+                                                ptuning_checkpoint=args.ptuning_checkpoint)
     if torch.cuda.is_available():
         model = model.cuda()
     generation = dict(max_length=args.max_length, do_sample=args.do_sample, temperature=args.temperature,

@@ -3,6 +3,7 @@
     python inference.py --lora_path output                       # the demo's held-out prompts, with accuracy
     python inference.py --lora_path output --prompt "Translate 'cat' into Chinese."
     python inference.py --model_name_or_path /models/chatglm-6b --lora_path output --input_file data/test.jsonl
+    python inference.py --ptuning_checkpoint output/ptuning     # a P-Tuning v2 checkpoint (ours or the official)
 
 Prompts from --input_file are rendered exactly as training rendered them (same formats as finetune.py); when the
 rows carry answers, the exact-match accuracy is printed.
@@ -15,11 +16,12 @@ from glm_tune.data import read_records
 from glm_tune.errors import exit_on_user_error
 from glm_tune.generation import generate_answers
 from glm_tune.loading import load_model_and_tokenizer
+from glm_tune.metrics import exact_match
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_arguments(parser)
+    add_model_arguments(parser, ptuning=True)
     parser.add_argument("--prompt", action="append", default=[], help="a raw prompt (repeatable); used as is")
     parser.add_argument("--input_file", default=None,
                         help=f"JSON/JSONL rows in a training format (default without --prompt: {DEMO_TEST.name} of "
@@ -33,7 +35,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     model, tokenizer = load_model_and_tokenizer(args.model_name_or_path, args.lora_path, args.dtype,
-                                                revision=args.revision)
+                                                revision=args.revision, ptuning_checkpoint=args.ptuning_checkpoint)
     if args.prompt:
         pairs = [(p, None) for p in args.prompt]
     else:
@@ -41,8 +43,9 @@ def main(argv=None):
     answers = generate_answers(model, tokenizer, [p for p, _ in pairs], args.max_new_tokens, args.batch_size)
     right = 0
     for (prompt, expected), answer in zip(pairs, answers):
-        mark = "" if expected is None else ("  ✓" if answer == expected.strip() else f"  ✗ (expected {expected!r})")
-        right += expected is not None and answer == expected.strip()
+        correct = expected is not None and exact_match(answer, expected)
+        mark = "" if expected is None else ("  ✓" if correct else f"  ✗ (expected {expected!r})")
+        right += correct
         print(f"{prompt.strip()!r} -> {answer!r}{mark}")
     scored = sum(expected is not None for _, expected in pairs)
     if scored:

@@ -517,6 +517,8 @@ def pick_cache(cache, past_key_values):
 
 class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "transformer.word_embeddings.weight"}
+    # A base checkpoint never holds a P-Tuning prefix; it comes from --ptuning_checkpoint or training.
+    _keys_to_ignore_on_load_missing = [r"transformer\.prefix_encoder\."]
     accepts_loss_kwargs = True  # forward honours num_items_in_batch (Trainer then does not divide by accumulation)
 
     def __init__(self, config):

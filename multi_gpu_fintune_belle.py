@@ -52,7 +52,7 @@ from glm_tune.loading import load_tokenizer, resolve_model_path
 from glm_tune.locking import hold_output_lock
 from glm_tune.memory import MemoryTracker
 from glm_tune.runtime import exit_multiprocess_run
-from glm_tune.training import load_lora_model, windows, write_run_outputs
+from glm_tune.training import load_trainable_model, windows, write_run_outputs
 
 
 # -- setup ------------------------------------------------------------------------------------------------------------
@@ -152,8 +152,8 @@ class Run:
             tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items()))
 
 
-def setup(model_args, data_args, lora_args, args, accelerator, tokenizer):
-    """Data, model with adapters, optimizer and schedule, all prepared; resumed when asked."""
+def setup(model_args, data_args, lora_args, args, accelerator, tokenizer, ptuning_args):
+    """Data, model with adapters (or P-Tuning prefix), optimizer and schedule, all prepared; resumed when asked."""
     with accelerator.main_process_first():  # one process tokenizes first; with a saved dataset the rest reuse it
         train_set, eval_set = load_train_and_eval(data_args, tokenizer,
                                                   log=print if accelerator.is_main_process else None)
@@ -175,7 +175,8 @@ def setup(model_args, data_args, lora_args, args, accelerator, tokenizer):
         config = ChatGLMConfig.from_pretrained(str(folder))
         args.hf_deepspeed_config.trainer_config_finalize(args, SimpleNamespace(config=config), total_steps)
 
-    model = load_lora_model(model_args, lora_args, args, log=accelerator.print if accelerator.is_main_process else None)
+    model = load_trainable_model(model_args, lora_args, ptuning_args, args,
+                                 log=accelerator.print if accelerator.is_main_process else None)
     optimizer, scheduler = optimizer_and_schedule(model, args, ds_config, total_steps)
     prepared = accelerator.prepare(model, optimizer, train_dl, scheduler, *([eval_dl] if eval_dl else []))
     model, optimizer, train_dl, scheduler = prepared[:4]
@@ -191,7 +192,7 @@ def setup(model_args, data_args, lora_args, args, accelerator, tokenizer):
                                                                   state["batches_done"], state["log_history"])
         accelerator.print(f"resumed from {args.resume_from_checkpoint}: step {run.step}, epoch {run.epoch}, "
                           f"{run.batches_done} batches into it")
-    hparams = {k: v for k, v in {**vars(model_args), **vars(data_args), **vars(lora_args),
+    hparams = {k: v for k, v in {**vars(model_args), **vars(data_args), **vars(lora_args), **vars(ptuning_args),
                                  **args.to_sanitized_dict()}.items() if isinstance(v, (int, float, str, bool))}
     accelerator.init_trackers("glm-tune", config=hparams)  # the trackers live on the main process
     accelerator.print(f"{len(train_set)} rows, {accelerator.num_processes} process(es) x batch "
@@ -267,6 +268,19 @@ def optimizer_step(run, window, trainable):
     return loss, tokens, real, grad_norm
 
 
+def without_global_rng(batches):
+    """`batches`, whose loader starts without drawing from the global random state. A loader draws its base seed from
+    it when its iteration starts: the uninterrupted run did so at the epoch's start, before the checkpoint's random
+    state was saved, so a resumed epoch must not draw again, or every random op after it (dropout, the P-Tuning
+    prefix's included) would differ from the uninterrupted run."""
+    iterator = iter(batches)
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+        first = next(iterator, None)
+    if first is not None:
+        yield first
+        yield from iterator
+
+
 def train(run):
     """Epochs of optimizer steps, with logging, evaluation and checkpoints as the flags ask."""
     args, accelerator = run.args, run.accelerator
@@ -277,8 +291,8 @@ def train(run):
     logged_loss, logged_tokens, logged_real, busy = 0.0, 0, 0, 0.0  # since the last log; busy: seconds training
     while run.step < run.total_steps and run.epoch < run.epochs:
         run.train_dl.set_epoch(run.epoch)
-        batches = (accelerator.skip_first_batches(run.train_dl, run.batches_done) if run.batches_done
-                   else run.train_dl)
+        batches = (without_global_rng(accelerator.skip_first_batches(run.train_dl, run.batches_done))
+                   if run.batches_done else run.train_dl)
         epoch_loss, epoch_tokens = 0.0, 0
         with MemoryTracker() as memory:
             for window in windows(batches, accelerator.gradient_accumulation_steps):
@@ -318,7 +332,7 @@ def train(run):
         run_eval(run)
 
 
-def finish(run, tokenizer, model_args):
+def finish(run, tokenizer, model_args, ptuning=False):
     """The last checkpoint, the adapter in output_dir and the run's outputs; then the ranks end together."""
     args, accelerator = run.args, run.accelerator
     if args.save_strategy != "no":
@@ -326,7 +340,7 @@ def finish(run, tokenizer, model_args):
     lora_state = save_adapter(run.model, accelerator, args.output_dir, with_seed_file=False)
     if accelerator.is_main_process:
         write_json(Path(args.output_dir) / STATE_FILE, run.training_state())
-        write_run_outputs(args.output_dir, lora_state, tokenizer, run.log_history, model_args)
+        write_run_outputs(args.output_dir, lora_state, tokenizer, run.log_history, model_args, ptuning=ptuning)
     accelerator.wait_for_everyone()  # tear the process group down together: a rank leaving early can abort at exit
     accelerator.end_training()
 
@@ -334,14 +348,14 @@ def finish(run, tokenizer, model_args):
 @record
 @exit_on_user_error
 def main(argv=None):
-    model_args, data_args, lora_args, args = parse_training_args(argv, __doc__.split("\n\n")[0])
+    model_args, data_args, lora_args, args, ptuning_args = parse_training_args(argv, __doc__.split("\n\n")[0])
     tokenizer = load_tokenizer(model_args.model_name_or_path, model_args.revision)
     accelerator = build_accelerator(args)
     # One run per output_dir: a second launch on it stops on every rank, naming this one (rank 0 holds the lock).
     with hold_output_lock(args.output_dir, "--output_dir"):
-        run = setup(model_args, data_args, lora_args, args, accelerator, tokenizer)
+        run = setup(model_args, data_args, lora_args, args, accelerator, tokenizer, ptuning_args)
         train(run)
-        finish(run, tokenizer, model_args)
+        finish(run, tokenizer, model_args, ptuning=ptuning_args.ptuning)
     exit_multiprocess_run()
 
 

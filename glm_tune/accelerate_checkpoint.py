@@ -1,7 +1,8 @@
 """Checkpoints of the Accelerate training loop (multi_gpu_fintune_belle.py): save, rotate, load.
 
 output_dir/checkpoint-N holds the Accelerate / DeepSpeed state without the frozen base weights, the LoRA adapter
-(gathered from its partitions under ZeRO-3) and training_state.json (step, epoch, data position, log). A checkpoint
+(gathered from its partitions under ZeRO-3) or, for P-Tuning v2, the prefix checkpoint (pytorch_model.bin +
+config.json, the official layout) and training_state.json (step, epoch, data position, log). A checkpoint
 is complete or absent: it is written as checkpoint-N.partial and renamed when whole.
 """
 
@@ -18,6 +19,7 @@ from safetensors.torch import load_file
 from glm_tune.atomic import write_json
 from glm_tune.errors import UserError
 from glm_tune.lora import SEED_FILE, save_lora_pt
+from glm_tune.ptuning import PREFIX, is_ptuning, read_prefix_state, save_prefix_checkpoint
 
 STATE_FILE = "training_state.json"
 
@@ -27,7 +29,8 @@ def is_deepspeed(accelerator):
 
 
 def trainable_state(model, accelerator):
-    """The LoRA tensors on the CPU, whole on every process: under ZeRO-3 each is gathered from its partitions."""
+    """The trainable tensors (LoRA, or the P-Tuning prefix encoder) on the CPU, whole on every process: under ZeRO-3
+    each is gathered from its partitions."""
     model = accelerator.unwrap_model(model)
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     gather = contextlib.nullcontext()
@@ -40,11 +43,15 @@ def trainable_state(model, accelerator):
 
 
 def save_adapter(model, accelerator, folder, with_seed_file=True):
-    """adapter_config.json + adapter_model.safetensors (+ chatglm-lora.pt) into `folder`; collective, the main
-    process writes. Returns the LoRA tensors."""
+    """adapter_config.json + adapter_model.safetensors (+ chatglm-lora.pt) into `folder`, or for a P-Tuning model the
+    prefix checkpoint (pytorch_model.bin + config.json); collective, the main process writes. Returns the trainable
+    tensors."""
     state = trainable_state(model, accelerator)
-    if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(folder, state_dict=state)
+    unwrapped = accelerator.unwrap_model(model)
+    if accelerator.is_main_process and is_ptuning(unwrapped):
+        save_prefix_checkpoint(folder, state, unwrapped.config)
+    elif accelerator.is_main_process:
+        unwrapped.save_pretrained(folder, state_dict=state)
         if with_seed_file:
             save_lora_pt(None, Path(folder) / SEED_FILE, state_dict=state)
     return state
@@ -105,8 +112,15 @@ def load_checkpoint(model, accelerator, folder, rows):
         accelerator.load_state(folder, strict=False)
     # the adapter written beside the state must be what was restored (a wrong folder fails here, not silently)
     restored = {name.replace(".default", ""): t for name, t in trainable_state(model, accelerator).items()}
-    for name, tensor in load_file(folder / "adapter_model.safetensors").items():
+    if is_ptuning(accelerator.unwrap_model(model)):
+        saved, what = read_prefix_state(folder)[0], "P-Tuning prefix tensor"
+        if set(saved) != {name for name in restored if name.startswith(PREFIX)}:
+            raise UserError(f"{folder}: its prefix tensors {sorted(saved)} are not this model's (a LoRA checkpoint, "
+                            "or another --prefix_projection?)")
+    else:
+        saved, what = load_file(folder / "adapter_model.safetensors"), "LoRA tensor"
+    for name, tensor in saved.items():
         if name not in restored or not torch.equal(restored[name].to(tensor.dtype), tensor):
-            raise UserError(f"{folder}: restored LoRA tensor {name} differs from the checkpoint's adapter (another "
-                            "--lora_rank / --lora_target?)")
+            raise UserError(f"{folder}: restored {what} {name} differs from the checkpoint's (another "
+                            "--lora_rank / --lora_target / --pre_seq_len?)")
     return state

@@ -30,6 +30,11 @@ DEMO_ARGS = [
     "--eval_strategy", "steps", "--eval_steps", "400", "--max_seq_length", "64",
 ]
 
+# P-Tuning v2 on the random small model: the prefix alone must carry the task, so a far larger learning rate (the
+# official ptuning uses 2e-2 on the 6B model); with --pre_seq_len 64 the demo reaches ~67% held-out exact match in
+# 1000 steps (tests/test_ptuning.py), 128 gets there too, more slowly per step.
+DEMO_PTUNING_ARGS = ["--learning_rate", "1e-1", "--max_steps", "1000"]
+
 # -- the flags several scripts share ----------------------------------------------------------------------------------
 
 MODEL_HELP = ("ChatGLM-6B checkpoint: a local folder in the official layout, or a Hugging Face repo id such as "
@@ -37,6 +42,9 @@ MODEL_HELP = ("ChatGLM-6B checkpoint: a local folder in the official layout, or 
               "embedded small demo model (random weights, built on first use)")
 REVISION_HELP = "branch, tag or commit id of a hub --model_name_or_path (default: main)"
 LORA_HELP = "adapter: a finetune.py output folder, a PEFT adapter folder or a chatglm-lora.pt"
+PTUNING_HELP = ("P-Tuning v2 checkpoint folder (pytorch_model.bin with the transformer.prefix_encoder.* tensors + "
+                "config.json with pre_seq_len), from finetune.py --pre_seq_len or THUDM's ptuning/main.py; instead of "
+                "--lora_path")
 DTYPE_HELP = ("weights dtype: auto = bf16 on GPUs and on CPUs with native bf16 (AMX / AVX512-BF16), else fp32 "
               "(GLM_TUNE_FAST_BF16=1 or 0 overrides the CPU check)")
 # The official chat() defaults.
@@ -47,10 +55,10 @@ FORMATS_HELP = ("row format of .json/.jsonl data: auto (taken from the first val
 
 
 def add_model_arguments(parser, lora=True, lora_default=None, dtype_choices=DTYPE_CHOICES, dtype_help=DTYPE_HELP,
-                        repeatable=False):
-    """--model_name_or_path, --revision, --lora_path (unless lora=False) and --dtype (unless dtype_choices=None; the
-    first choice is the default). repeatable=True: the model and adapter flags may be given several times (a list;
-    the web pages offer each)."""
+                        repeatable=False, ptuning=False):
+    """--model_name_or_path, --revision, --lora_path (unless lora=False), --ptuning_checkpoint (with ptuning=True, for
+    the scripts that load through load_model_and_tokenizer's ptuning_checkpoint; never repeatable) and --dtype (unless dtype_choices=None; the first choice is the default). repeatable=True: the
+    model and adapter flags may be given several times (a list; the web pages offer each)."""
     many = dict(action="append", default=[]) if repeatable else {}
     again = "; repeatable" if repeatable else ""
     parser.add_argument("--model_name_or_path", **(many or dict(default=None)), help=MODEL_HELP + again)
@@ -58,6 +66,8 @@ def add_model_arguments(parser, lora=True, lora_default=None, dtype_choices=DTYP
     if lora:
         parser.add_argument("--lora_path", **(many or dict(default=lora_default)),
                             help=LORA_HELP + again + (" (default: %(default)s)" if lora_default else ""))
+    if ptuning:
+        parser.add_argument("--ptuning_checkpoint", default=None, help=PTUNING_HELP)
     if dtype_choices:
         parser.add_argument("--dtype", default=dtype_choices[0], choices=dtype_choices, help=dtype_help)
 
@@ -111,6 +121,18 @@ class DataArguments:
                                                                    "truncating them"})
     num_proc: int = field(default=1, metadata={"help": "processes that tokenize in parallel"})
     pad_to_multiple_of: int = field(default=None, metadata={"help": "pad batches to a multiple of this (e.g. 8)"})
+    # THUDM's ptuning/main.py data flags
+    prompt_column: str = field(default=None, metadata={
+        "help": "(official ptuning) rows are JSON objects: the field holding the prompt (with --response_column); "
+                "replaces --data_format"})
+    response_column: str = field(default=None, metadata={"help": "(official ptuning) the field holding the answer"})
+    history_column: str = field(default=None, metadata={
+        "help": "(official ptuning) the field holding earlier turns, a list of [question, answer] pairs, rendered "
+                "in ChatGLM's [Round i] chat prompt"})
+    max_source_length: int = field(default=None, metadata={
+        "help": "(official ptuning) cut prompts to max_source_length - 1 tokens and answers to max_target_length "
+                "- 2 (+ <eop>) instead of --max_seq_length; the other defaults to the official 1024 / 128"})
+    max_target_length: int = field(default=None, metadata={"help": "(official ptuning) see --max_source_length"})
 
 
 @dataclass
@@ -126,13 +148,38 @@ class LoraArguments:
 
 
 @dataclass
+class PtuningArguments:
+    method: str = field(default=None, metadata={
+        "help": "what trains: lora (adapters, the default) or ptuning (P-Tuning v2: the base frozen, only "
+                "transformer.prefix_encoder; needs --pre_seq_len, which alone implies it)",
+        "choices": ["lora", "ptuning"]})
+    pre_seq_len: int = field(default=None, metadata={
+        "help": "P-Tuning v2 prefix length (official ptuning: 128); implies --method ptuning"})
+    prefix_projection: bool = field(default=False, metadata={
+        "help": "P-Tuning v2: produce the prefixes with a two-layer MLP (official --prefix_projection)"})
+
+    @property
+    def ptuning(self):
+        return self.method == "ptuning"
+
+
+@dataclass
 class TrainingArguments(transformers.TrainingArguments):
     """transformers' TrainingArguments, with processes set up right on machines without CUDA.
 
     There, transformers gives Accelerate no communication backend: under torchrun without --use_cpu every process
     trains alone, and with --deepspeed the run is "distributed" over one process while DeepSpeed averages gradients
     over all of them. On CPUs this sets up gloo: Accelerate's MULTI_CPU for DDP, DEEPSPEED (over gloo) with DeepSpeed.
+
+    Plus the official ptuning scripts' generation-based evaluation (glm_tune.metrics.GenerationEvalTrainer).
     """
+
+    predict_with_generate: bool = field(default=False, metadata={
+        "help": "at each evaluation also generate an answer for every eval row (greedy, from its prompt) and log "
+                "eval_bleu-4, eval_bleu-4-char, eval_rouge-1/2/l, eval_exact_match, eval_gen_len_* (as evaluate.py "
+                "computes them) next to eval_loss"})
+    generation_max_length: int = field(default=128, metadata={
+        "help": "with --predict_with_generate: most new tokens generated per eval row"})
 
     @cached_property
     def _setup_devices(self):
@@ -178,50 +225,102 @@ def with_demo_defaults(argv):
         return any(a in spellings or a.startswith(tuple(s + "=" for s in spellings)) for a in argv)
 
     if not given("--dataset_path"):
-        argv = DEMO_ARGS + argv
+        ptuning = given("--pre_seq_len") or _flag_value(argv, "--method") == "ptuning"
+        argv = DEMO_ARGS + (DEMO_PTUNING_ARGS if ptuning else []) + argv
     if not given("--output_dir"):
         argv = ["--output_dir", "output"] + argv
     return argv
 
 
 def parse_training_args(argv=None, description=None):
-    """(ModelArguments, DataArguments, LoraArguments, TrainingArguments) from the command line, the same for every
-    training script: demo defaults without --dataset_path, --fp16 falls back on CPUs, `--report_to a,b`,
-    `--resume_from_checkpoint latest`."""
+    """(ModelArguments, DataArguments, LoraArguments, TrainingArguments, PtuningArguments) from the command line, the
+    same for every training script: demo defaults without --dataset_path, --fp16 falls back on CPUs, `--report_to
+    a,b`, `--resume_from_checkpoint latest`, --method resolved (lora, or ptuning when --pre_seq_len is given)."""
     from transformers import HfArgumentParser
-    from transformers.trainer_utils import get_last_checkpoint
 
-    parser = HfArgumentParser((ModelArguments, DataArguments, LoraArguments, TrainingArguments),
+    parser = HfArgumentParser((ModelArguments, DataArguments, LoraArguments, TrainingArguments, PtuningArguments),
                               description=description)
     argv = with_demo_defaults(argv)
-    deepspeed = _flag_value(argv, "--deepspeed")
-    if deepspeed is not None and not deepspeed.lstrip().startswith("{"):  # a file (not inline JSON): checked
-        # before TrainingArguments reads it, which fails with a traceback
-        if not Path(deepspeed).is_file():
-            raise UserError(f"--deepspeed {deepspeed}: no such DeepSpeed config file")
-        try:
-            parse_json(Path(deepspeed).read_text())
-        except ValueError as err:
-            raise UserError(f"{deepspeed}:{getattr(err, 'lineno', '?')}: not valid JSON ({err})") from None
-    model_args, data_args, lora_args, train_args = parser.parse_args_into_dataclasses(argv)
+    check_deepspeed_file(argv)
+    model_args, data_args, lora_args, train_args, ptuning_args = parser.parse_args_into_dataclasses(argv)
+    check_ptuning_args(ptuning_args, lora_args)
+    check_column_args(data_args)
     changes = dict(remove_unused_columns=False,  # the collator needs seq_len, which the model does not take
-                   label_names=["labels"])
+                   label_names=["labels"], **launch_changes(train_args))
+    # a fresh TrainingArguments, so that what __post_init__ derives (the DeepSpeed config's "auto" values among it)
+    # sees the final flags
+    train_args = dataclasses.replace(train_args, **changes)
+    if lora_args.is_resume and not lora_args.resume_path:
+        raise UserError("--is_resume needs --resume_path (a chatglm-lora.pt)")
+    return model_args, data_args, lora_args, train_args, ptuning_args
+
+
+def check_deepspeed_file(argv):
+    """A --deepspeed file (not inline JSON) must exist and be JSON: checked before TrainingArguments reads it, which
+    fails with a traceback."""
+    deepspeed = _flag_value(argv, "--deepspeed")
+    if deepspeed is None or deepspeed.lstrip().startswith("{"):
+        return
+    if not Path(deepspeed).is_file():
+        raise UserError(f"--deepspeed {deepspeed}: no such DeepSpeed config file")
+    try:
+        parse_json(Path(deepspeed).read_text())
+    except ValueError as err:
+        raise UserError(f"{deepspeed}:{getattr(err, 'lineno', '?')}: not valid JSON ({err})") from None
+
+
+def launch_changes(train_args):
+    """What every training script changes in its parsed TrainingArguments: the precision this machine can do (--fp16
+    falls back on CPUs; an `accelerate launch` config's choice follows), `--report_to a,b` split, and
+    `--resume_from_checkpoint latest` (or a folder, which must exist) resolved."""
+    from transformers.trainer_utils import get_last_checkpoint
+
     precision = training_precision(train_args.fp16, train_args.bf16)
-    changes.update(fp16=precision == "fp16", bf16=precision == "bf16")
+    changes = dict(fp16=precision == "fp16", bf16=precision == "bf16")
     if precision == "bf16" and not torch.cuda.is_available():
         changes["use_cpu"] = True  # transformers refuses bf16 on a CPU unless told the run is on one
     if "ACCELERATE_MIXED_PRECISION" in os.environ:  # an `accelerate launch` config's choice, after the fallback
         os.environ["ACCELERATE_MIXED_PRECISION"] = precision
     if len(train_args.report_to) == 1 and "," in train_args.report_to[0]:  # --report_to tensorboard,wandb
         changes["report_to"] = [name.strip() for name in train_args.report_to[0].split(",")]
-    if str(train_args.resume_from_checkpoint).lower() in ("latest", "true"):
-        last = get_last_checkpoint(train_args.output_dir)
+    resume = train_args.resume_from_checkpoint
+    if str(resume).lower() in ("latest", "true"):
+        last = get_last_checkpoint(train_args.output_dir) if Path(train_args.output_dir).is_dir() else None
         if last is None:
             raise UserError(f"--resume_from_checkpoint latest: no checkpoint-* folder in {train_args.output_dir}")
         changes["resume_from_checkpoint"] = last
-    # a fresh TrainingArguments, so that what __post_init__ derives (the DeepSpeed config's "auto" values among it)
-    # sees the final flags
-    train_args = dataclasses.replace(train_args, **changes)
-    if lora_args.is_resume and not lora_args.resume_path:
-        raise UserError("--is_resume needs --resume_path (a chatglm-lora.pt)")
-    return model_args, data_args, lora_args, train_args
+    elif resume and not Path(resume).is_dir():
+        raise UserError(f"--resume_from_checkpoint {resume}: no such checkpoint folder")
+    return changes
+
+
+def check_ptuning_args(ptuning_args, lora_args):
+    """--method from --pre_seq_len when not given; the combinations that cannot work are one-line errors."""
+    if ptuning_args.method is None:
+        ptuning_args.method = "ptuning" if ptuning_args.pre_seq_len is not None else "lora"
+    if ptuning_args.ptuning:
+        if ptuning_args.pre_seq_len is None:
+            raise UserError("--method ptuning needs --pre_seq_len N (the prefix length; the official scripts use 128)")
+        if ptuning_args.pre_seq_len < 1:
+            raise UserError(f"--pre_seq_len {ptuning_args.pre_seq_len}: must be at least 1")
+        if lora_args.is_resume:
+            raise UserError("--is_resume loads a LoRA chatglm-lora.pt; with --method ptuning resume with "
+                            "--resume_from_checkpoint")
+    elif ptuning_args.pre_seq_len is not None or ptuning_args.prefix_projection:
+        given = "--pre_seq_len" if ptuning_args.pre_seq_len is not None else "--prefix_projection"
+        raise UserError(f"{given} is a P-Tuning flag, but --method is lora" + (
+            "" if ptuning_args.pre_seq_len is not None else " (give --pre_seq_len N for P-Tuning v2)"))
+
+
+def check_column_args(data_args):
+    """The official ptuning data flags: --response_column / --history_column need --prompt_column and vice versa;
+    lengths are positive."""
+    columns = (data_args.prompt_column, data_args.response_column)
+    if any(columns) and not all(columns):
+        raise UserError("--prompt_column and --response_column go together (name both fields)")
+    if data_args.history_column and not data_args.prompt_column:
+        raise UserError("--history_column needs --prompt_column and --response_column")
+    for name in ("max_source_length", "max_target_length"):
+        value = getattr(data_args, name)
+        if value is not None and value < (2 if name == "max_source_length" else 3):
+            raise UserError(f"--{name} {value}: too small to leave room for one token")

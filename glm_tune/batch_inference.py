@@ -41,7 +41,7 @@ TEMPLATES = {
 
 def add_job_arguments(parser, default_output):
     """The flags both batch scripts share."""
-    add_model_arguments(parser)
+    add_model_arguments(parser, ptuning=True)
     parser.add_argument("--input", default=str(DEMO_INPUT.relative_to(REPO_ROOT)),
                         help="rows to answer: .csv (with a header) or .jsonl / .json (default: %(default)s)")
     parser.add_argument("--output", default=default_output,
@@ -133,8 +133,11 @@ def _text_field(row, name, where):
     return value
 
 
-def read_inputs(path, column, template, id_column="id"):
-    """Every row of a CSV / JSONL / JSON-array file as an InputRow; a bad row raises UserError("file:line: ...")."""
+def read_inputs(path, column, template, id_column="id", make_row=None):
+    """Every row of a CSV / JSONL / JSON-array file as an InputRow; a bad row raises UserError("file:line: ...").
+
+    `make_row(row_id, record, where)` -> an InputRow replaces the --column + --template rule (evaluate.py renders
+    prompts and references its own way); ids, their checks and the file formats stay the same."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such file")
@@ -160,6 +163,9 @@ def read_inputs(path, column, template, id_column="id"):
         if str(row_id) in seen:
             raise UserError(f"{where}: id {row_id!r} appears twice (first at {seen[str(row_id)]})")
         seen[str(row_id)] = where
+        if make_row is not None:
+            rows.append(make_row(row_id, record, where))
+            continue
         text = _text_field(record, column, where)
         rows.append(InputRow(row_id, text, template.replace("{text}", text), where))
     if not rows:
@@ -273,6 +279,14 @@ class ResultFile:
 # The job
 
 
+def sampling_kwargs(args):
+    """generate() keywords of the add_sampling_arguments(..., do_sample=False, extra=True) flags."""
+    kwargs = dict(do_sample=args.do_sample, repetition_penalty=args.repetition_penalty)
+    if args.do_sample:
+        kwargs.update(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+    return kwargs
+
+
 @dataclass
 class BatchJob:
     rows: list
@@ -292,10 +306,11 @@ class BatchJob:
             raise UserError(f"--output {args.output}: is the input file")
         results = ResultFile(args.output, args.column)
         rows = read_inputs(args.input, args.column, resolve_template(args.template), args.id_column)
-        kwargs = dict(do_sample=args.do_sample, repetition_penalty=args.repetition_penalty)
-        if args.do_sample:
-            kwargs.update(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
-        return cls(rows, results, args.column, args.batch_size, args.max_new_tokens, kwargs, args.seed)
+        return cls(rows, results, args.column, args.batch_size, args.max_new_tokens, sampling_kwargs(args), args.seed)
+
+    def output_record(self, row, answer, n_tokens):
+        """The output row of one answered input row (`n_tokens`: the new tokens, end token included)."""
+        return {"id": row.id, self.column: row.text, RESPONSE_FIELD: answer}
 
     def run(self, model, tokenizer, done=frozenset(), write=True):
         """Generate the rows whose id is not in `done`; `write` (one process of a tensor-parallel group) appends each
@@ -313,8 +328,8 @@ class BatchJob:
                 seconds += time.perf_counter() - began
                 tokens += sum(lengths)
                 if write:
-                    self.results.append([{"id": row.id, self.column: row.text, RESPONSE_FIELD: answer}
-                                         for row, answer in zip(batch, answers)])
+                    self.results.append([self.output_record(row, answer, n)
+                                         for row, answer, n in zip(batch, answers, lengths)])
                 bar.update(len(batch))
                 bar.set_postfix_str(f"{tokens / max(seconds, 1e-9):.1f} tokens/s")
         rate = f", {tokens} new tokens in {seconds:.1f} s = {tokens / seconds:.1f} tokens/s" if pending else ""

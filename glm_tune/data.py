@@ -238,11 +238,37 @@ def parse_rows(path):
                 yield str(number), DataError(f"not JSON ({err.msg}, column {err.colno})", "not JSON")
 
 
-def read_records(path, fmt="auto", skip_bad_rows=False):
+def render_columns(record, columns):
+    """One row under the official ptuning flags: `columns` = (prompt_column, response_column, history_column or
+    None) -> (prompt, target); the history, a list of [question, answer] pairs, goes into ChatGLM's [Round i] chat
+    prompt (none, or an empty list: the bare prompt, as chat() does)."""
+    prompt_column, response_column, history_column = columns
+    query, target = text_field(record, prompt_column), text_field(record, response_column)
+    history = []
+    if history_column:
+        if history_column not in record:
+            raise DataError(f"missing field '{history_column}'", "missing field")
+        turns = record[history_column]
+        turns = [] if turns is None else turns
+        if not isinstance(turns, list):
+            raise DataError(f"field '{history_column}' must be a list of [question, answer] pairs, got "
+                            f"{json_type(turns)}", "wrong type")
+        for i, turn in enumerate(turns):
+            label = f"{history_column}[{i}]"
+            if not isinstance(turn, list) or len(turn) != 2:
+                raise DataError(f"field '{label}' must be a [question, answer] pair", "bad history")
+            history.append(tuple(text_field({"q": q}, "q", label) for q in turn))
+    if not target.strip():
+        raise DataError(f"empty answer in field '{response_column}'", "empty answer")
+    return build_chat_prompt(query, history), target
+
+
+def read_records(path, fmt="auto", skip_bad_rows=False, columns=None):
     """Read a JSONL / JSON-array file -> (list of (prompt, target), Counter of skipped rows by reason).
 
-    With fmt="auto" the format of the first valid row is the file's format. A bad row raises
-    DataError("path:line: what") ("path:item N: what" in a JSON array), or is skipped and counted with skip_bad_rows.
+    With fmt="auto" the format of the first valid row is the file's format; `columns` (prompt, response, history or
+    None: the official ptuning flags) name the fields instead. A bad row raises DataError("path:line: what")
+    ("path:item N: what" in a JSON array), or is skipped and counted with skip_bad_rows.
     """
     if fmt != "auto" and fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose auto or one of {', '.join(FORMATS)}")
@@ -254,6 +280,9 @@ def read_records(path, fmt="auto", skip_bad_rows=False):
                 raise row
             if not isinstance(row, dict):
                 raise DataError(f"row is {json_type(row)}, not an object", "not an object")
+            if columns:
+                pairs.append(render_columns(row, columns))
+                continue
             row_format = file_format or detect_format(row)
             if row_format is None:
                 raise DataError(f"cannot tell the row format from fields {sorted(row)}; expected one of: "
@@ -289,13 +318,30 @@ def fit_to_length(prompt_ids, answer_ids, max_seq_length, n_special=2):
     return prompt_ids[:keep_prompt], answer_ids[: room - keep_prompt]
 
 
-def _tokenize_batch(batch, tokenizer, max_seq_length):
+# The official ptuning/main.py's lengths when only one of --max_source_length / --max_target_length is given.
+OFFICIAL_SOURCE_TARGET = (1024, 128)
+
+
+def fit_source_target(prompt_ids, answer_ids, max_source_length, max_target_length):
+    """The official ptuning/main.py's cut: the prompt to its first max_source_length - 1 tokens, the answer (whose
+    last id is <eop>) to its first max_target_length - 2 text tokens plus <eop>; a row then has at most
+    max_source_length + max_target_length tokens with [gMASK] <sop>."""
+    text = answer_ids[:-1]
+    if len(text) > max_target_length - 2:
+        answer_ids = text[: max_target_length - 2] + answer_ids[-1:]
+    return prompt_ids[: max_source_length - 1], answer_ids
+
+
+def _tokenize_batch(batch, tokenizer, max_seq_length, source_target=None):
     out = {"input_ids": [], "seq_len": [], "overlength": []}
     for prompt, target in zip(batch["prompt"], batch["target"]):
         prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
         answer_ids = tokenizer.encode(target, add_special_tokens=False) + [tokenizer.eos_token_id]
-        cut_prompt, cut_answer = fit_to_length(prompt_ids, answer_ids, max_seq_length,
-                                               tokenizer.num_special_tokens_to_add())
+        if source_target:
+            cut_prompt, cut_answer = fit_source_target(prompt_ids, answer_ids, *source_target)
+        else:
+            cut_prompt, cut_answer = fit_to_length(prompt_ids, answer_ids, max_seq_length,
+                                                   tokenizer.num_special_tokens_to_add())
         # The tokenizer's own rule appends [gMASK] <sop>: the same ids as tokenizer.encode(prompt), cut text inside.
         prompt_with_specials = tokenizer.build_inputs_with_special_tokens(cut_prompt)
         out["input_ids"].append(prompt_with_specials + cut_answer)
@@ -356,12 +402,14 @@ class DataSummary:
 _TOKENIZED = Features({"input_ids": List(Value("int32")), "seq_len": Value("int32"), "overlength": Value("bool")})
 
 
-def tokenize_records(pairs, tokenizer, max_seq_length, skip_overlength=False, num_proc=1, skipped=None):
+def tokenize_records(pairs, tokenizer, max_seq_length, skip_overlength=False, num_proc=1, skipped=None,
+                     source_target=None):
     """(prompt, target) pairs -> (Dataset with input_ids and seq_len, DataSummary); rows keep their order.
 
     input_ids = tokenizer.encode(prompt) + answer ids + [eos], cut to max_seq_length by `fit_to_length`, or dropped
     when skip_overlength. seq_len is the prompt length including [gMASK] <sop>. `skipped` (from read_records) only
-    goes into the summary, so that it counts the rows of the file.
+    goes into the summary, so that it counts the rows of the file. `source_target` = (max_source_length,
+    max_target_length) cuts the official ptuning way instead (`fit_source_target`), max_seq_length unused.
     """
     skipped = Counter(skipped or {})
     if max_seq_length < tokenizer.num_special_tokens_to_add() + 1:
@@ -373,7 +421,7 @@ def tokenize_records(pairs, tokenizer, max_seq_length, skip_overlength=False, nu
         num_proc=num_proc if num_proc > 1 and len(rows) > 1 else None,
         remove_columns=["prompt", "target"],
         features=_TOKENIZED,
-        fn_kwargs={"tokenizer": tokenizer, "max_seq_length": max_seq_length},
+        fn_kwargs={"tokenizer": tokenizer, "max_seq_length": max_seq_length, "source_target": source_target},
         desc="Tokenizing",
     )
     overlength = sum(tokenized["overlength"])
@@ -383,12 +431,12 @@ def tokenize_records(pairs, tokenizer, max_seq_length, skip_overlength=False, nu
     tokenized = tokenized.remove_columns("overlength")
     summary = DataSummary.from_lengths(_row_lengths(tokenized), rows_in=len(pairs) + sum(skipped.values()),
                                        skipped=skipped, overlength=overlength, overlength_dropped=skip_overlength,
-                                       max_seq_length=max_seq_length)
+                                       max_seq_length=sum(source_target) if source_target else max_seq_length)
     return tokenized, summary
 
 
 def load_training_data(path, tokenizer, max_seq_length, fmt="auto", skip_bad_rows=False, skip_overlength=False,
-                       num_proc=1):
+                       num_proc=1, columns=None, source_target=None):
     """A training set from `path` -> (Dataset with input_ids and seq_len, DataSummary).
 
     A folder written by save_to_disk (tokenize_dataset_rows_belle.py) is loaded as saved: its rows were cut when it
@@ -409,8 +457,20 @@ def load_training_data(path, tokenizer, max_seq_length, fmt="auto", skip_bad_row
             raise DataError(f"{path}: saved dataset lacks column '{missing[0]}'; write it with "
                             "tokenize_dataset_rows_belle.py")
         return dataset, DataSummary.from_lengths(_row_lengths(dataset), rows_in=len(dataset))
-    pairs, skipped = read_records(path, fmt, skip_bad_rows)
-    return tokenize_records(pairs, tokenizer, max_seq_length, skip_overlength, num_proc, skipped)
+    pairs, skipped = read_records(path, fmt, skip_bad_rows, columns)
+    return tokenize_records(pairs, tokenizer, max_seq_length, skip_overlength, num_proc, skipped, source_target)
+
+
+def official_data_options(data_args):
+    """(columns, source_target) of a DataArguments' official ptuning flags (each None when not given)."""
+    columns = None
+    if getattr(data_args, "prompt_column", None):
+        columns = (data_args.prompt_column, data_args.response_column, data_args.history_column)
+    source, target = getattr(data_args, "max_source_length", None), getattr(data_args, "max_target_length", None)
+    source_target = None
+    if source is not None or target is not None:
+        source_target = (source or OFFICIAL_SOURCE_TARGET[0], target or OFFICIAL_SOURCE_TARGET[1])
+    return columns, source_target
 
 
 def load_train_and_eval(data_args, tokenizer, log=print):
@@ -419,7 +479,8 @@ def load_train_and_eval(data_args, tokenizer, log=print):
 
     def load(path):
         dataset, summary = load_training_data(path, tokenizer, data_args.max_seq_length, data_args.data_format,
-                                              data_args.skip_bad_rows, data_args.skip_overlength, data_args.num_proc)
+                                              data_args.skip_bad_rows, data_args.skip_overlength, data_args.num_proc,
+                                              *official_data_options(data_args))
         if log:
             log(f"{path}:\n{summary.format()}")
         return dataset

@@ -24,6 +24,14 @@ def generate_batch(model, tokenizer, prompts, max_new_tokens=256, **generate_kwa
     alone."""
     tokenizer.padding_side = "left"
     batch = tokenizer(list(prompts), return_tensors="pt", padding=True).to(input_device(model))
+    rows = generate_new_tokens(model, batch, max_new_tokens, **generate_kwargs)
+    return [decode_answer(tokenizer, row) for row in rows], [len(row) for row in rows]
+
+
+@torch.inference_mode()
+def generate_new_tokens(model, batch, max_new_tokens=256, **generate_kwargs):
+    """The new tokens of every row of a left-padded `batch` (input_ids, attention_mask), each a CPU tensor cut after
+    its first end token (kept). Greedy unless do_sample=True is passed."""
     generate_kwargs.setdefault("do_sample", False)
     out = model.generate(**batch, max_new_tokens=max_new_tokens, **generate_kwargs)
     new = out[:, batch["input_ids"].shape[1] :].cpu()
@@ -31,8 +39,12 @@ def generate_batch(model, tokenizer, prompts, max_new_tokens=256, **generate_kwa
     eos = torch.tensor(model.generation_config.eos_token_id).flatten()
     ended = torch.isin(new, eos)
     lengths = torch.where(ended.any(-1), ended.int().argmax(-1) + 1, new.shape[1]).tolist()
-    answers = [clean_response(tokenizer.decode(row[:n], skip_special_tokens=True)) for row, n in zip(new, lengths)]
-    return answers, lengths
+    return [row[:n] for row, n in zip(new, lengths)]
+
+
+def decode_answer(tokenizer, ids):
+    """An answer's text from its generated ids: special tokens dropped, trimmed as the official chat() shows it."""
+    return clean_response(tokenizer.decode(ids, skip_special_tokens=True))
 
 
 def generate_answers(model, tokenizer, prompts, max_new_tokens=256, batch_size=8, **generate_kwargs):

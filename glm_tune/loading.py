@@ -102,15 +102,17 @@ def load_tokenizer(model_name_or_path=None, revision=None):
 
 
 def load_model(model_name_or_path=None, dtype="auto", device_map=None, max_memory=None, offload_folder=None,
-               revision=None):
+               revision=None, config_overrides=None):
     """Our model class on the checkpoint's weights (see resolve_model_path), checked against its tokenizer.
 
     `device_map` ("auto" or a plan) splits the model by layer over GPUs, CPU and disk within `max_memory`
-    ({0: "20GiB", "cpu": "60GiB"}); layers planned on "disk" are kept in `offload_folder` and loaded as needed."""
+    ({0: "20GiB", "cpu": "60GiB"}); layers planned on "disk" are kept in `offload_folder` and loaded as needed.
+    `config_overrides` replace config.json fields (e.g. pre_seq_len / prefix_projection for P-Tuning v2)."""
     folder = resolve_model_path(model_name_or_path, revision)
     dtype = parse_dtype(dtype) if isinstance(dtype, (str, type(None))) else dtype
     split = {} if device_map is None else dict(max_memory=max_memory, offload_folder=offload_folder)
-    model = ChatGLMForConditionalGeneration.from_pretrained(str(folder), dtype=dtype, device_map=device_map, **split)
+    model = ChatGLMForConditionalGeneration.from_pretrained(str(folder), dtype=dtype, device_map=device_map, **split,
+                                                            **(config_overrides or {}))
     check_tokenizer_matches(model.config, load_tokenizer(folder), folder)
     return model
 
@@ -128,18 +130,29 @@ def check_tokenizer_matches(config, tokenizer, where):
 
 
 def load_model_and_tokenizer(model_name_or_path=None, lora_path=None, dtype="auto", device_map=None,
-                             merge_adapter=False, max_memory=None, offload_folder=None, revision=None):
-    """The base model (plus adapter, if given) in eval mode, and its tokenizer.
+                             merge_adapter=False, max_memory=None, offload_folder=None, revision=None,
+                             ptuning_checkpoint=None):
+    """The base model (plus adapter, or P-Tuning v2 prefix, if given) in eval mode, and its tokenizer.
 
     merge_adapter=True adds the adapter into the base weights (one plain model, no LoRA layers left): what tensor
     parallelism needs, and faster. With a `device_map` (see load_model) an adapter is always merged, in CPU memory
-    before the model is split: PEFT cannot load adapter weights into layers offloaded to disk."""
+    before the model is split: PEFT cannot load adapter weights into layers offloaded to disk.
+    `ptuning_checkpoint`: a P-Tuning v2 checkpoint folder (ours or the official trainer's): the base is loaded with its
+    config.json's pre_seq_len / prefix_projection and the prefix encoder (kept in fp32) gets its tensors."""
     from glm_tune.lora import apply_adapter
+    from glm_tune.ptuning import load_prefix_checkpoint, read_ptuning_config
 
+    if lora_path and ptuning_checkpoint:
+        raise UserError("--lora_path and --ptuning_checkpoint: give one of them (a model has a LoRA adapter or a "
+                        "P-Tuning prefix)")
+    overrides = read_ptuning_config(ptuning_checkpoint) if ptuning_checkpoint else None
     folder = resolve_model_path(model_name_or_path, revision)  # once: a Hub id is looked up once
-    split_after_merge = bool(lora_path) and device_map is not None
+    split_after_merge = bool(lora_path or ptuning_checkpoint) and device_map is not None
     model = load_model(folder, dtype, None if split_after_merge else device_map, max_memory,
-                       offload_folder)
+                       offload_folder, config_overrides=overrides)
+    if ptuning_checkpoint:
+        load_prefix_checkpoint(model, ptuning_checkpoint)
+        model.transformer.prefix_encoder.float()  # as the official code runs it over an fp16 base
     if lora_path:
         model = apply_adapter(model, lora_path)
         if merge_adapter or split_after_merge:

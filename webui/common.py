@@ -43,13 +43,14 @@ class ServerConfig:
     max_length: int
     temperature: float
     top_p: float
+    ptuning_checkpoint: str | None = None  # a P-Tuning v2 prefix on every model (then no LoRA adapters are offered)
 
 
 def parse_args(argv, page, with_data_dir=False):
     """`streamlit run webui/PAGE.py -- [flags]` -> ServerConfig; bad flags raise UserError."""
     parser = PageArgumentParser(prog=page, description="ChatGLM web page; flags go after `--`: "
                                             f"streamlit run webui/{page} -- --lora_path output")
-    add_model_arguments(parser, repeatable=True)
+    add_model_arguments(parser, repeatable=True, ptuning=True)
     parser.add_argument("--lora_dir", default=None,
                         help=f"folder whose adapters (up to two levels down) the sidebar offers (default: "
                              f"{DEFAULT_LORA_DIR.relative_to(REPO_ROOT)}/ when it exists)")
@@ -63,8 +64,12 @@ def parse_args(argv, page, with_data_dir=False):
         raise UserError(f"{page}: need --max_length >= 1, 0 <= --temperature <= 2 and 0 < --top_p <= 1")
     if args.lora_dir is not None and not Path(args.lora_dir).is_dir():
         raise UserError(f"--lora_dir {args.lora_dir}: no such folder")
+    if args.ptuning_checkpoint and (args.lora_path or args.lora_dir):
+        raise UserError("--lora_path / --lora_dir and --ptuning_checkpoint: give one of them (a model has a LoRA "
+                        "adapter or a P-Tuning prefix)")
     lora_dir = Path(args.lora_dir) if args.lora_dir else DEFAULT_LORA_DIR
-    adapters = list(dict.fromkeys([*args.lora_path, *map(str, find_adapters(lora_dir))]))
+    adapters = [] if args.ptuning_checkpoint else list(dict.fromkeys([*args.lora_path,
+                                                                      *map(str, find_adapters(lora_dir))]))
     return ServerConfig(
         models=tuple(args.model_name_or_path) or (None,),
         adapters=tuple(adapters),
@@ -75,6 +80,7 @@ def parse_args(argv, page, with_data_dir=False):
         max_length=args.max_length,
         temperature=args.temperature,
         top_p=args.top_p,
+        ptuning_checkpoint=args.ptuning_checkpoint,
     )
 
 
@@ -103,14 +109,17 @@ def page_config(title, page, with_data_dir=False):
 
 
 @st.cache_resource(max_entries=1, show_spinner="Loading the model (once per server)…")
-def load_model(model_name_or_path, lora_path, dtype, revision=None):
-    """(model, tokenizer), shared by every session of this server. One entry: switching models frees the last one."""
+def load_model(model_name_or_path, lora_path, dtype, revision=None, ptuning_checkpoint=None):
+    """(model, tokenizer), shared by every session of this server. One entry: switching models frees the last one.
+    Every argument is part of the cache key (a P-Tuning checkpoint included)."""
     from glm_tune.loading import load_model_and_tokenizer
 
     start = time.perf_counter()
-    model, tokenizer = load_model_and_tokenizer(model_name_or_path, lora_path, dtype, revision=revision)
+    model, tokenizer = load_model_and_tokenizer(model_name_or_path, lora_path, dtype, revision=revision,
+                                                ptuning_checkpoint=ptuning_checkpoint)
     LOADS.append((model_name_or_path, lora_path))
-    print(f"webui: loaded {model_name_or_path or EMBEDDED} with adapter {lora_path or 'none'} in "
+    print(f"webui: loaded {model_name_or_path or EMBEDDED} with "
+          f"{'P-Tuning prefix ' + ptuning_checkpoint if ptuning_checkpoint else 'adapter ' + (lora_path or 'none')} in "
           f"{time.perf_counter() - start:.1f} s", flush=True)
     if model_name_or_path is None:  # streamlit replays this on every later call that the cache answers
         st.info("This is the embedded small demo model (random weights, for demos and tests): its answers mean "
@@ -161,7 +170,7 @@ def sidebar_settings(config):
 
 def stream_answer(model_choice, query, history, settings, config, placeholder):
     """Load (or reuse) the chosen model, stream its answer to `query` into `placeholder`; -> (answer, seconds)."""
-    model, tokenizer = load_model(*model_choice, config.dtype, config.revision)
+    model, tokenizer = load_model(*model_choice, config.dtype, config.revision, config.ptuning_checkpoint)
     start = time.perf_counter()
     answer = ""
     for answer, _ in model.stream_chat(tokenizer, query, history, **settings.chat_kwargs()):

@@ -9,6 +9,7 @@ filter, edit, delete and export what was collected (glm_tune/feedback_store.py d
 """
 
 import json
+import shlex
 from dataclasses import dataclass
 
 import streamlit as st
@@ -99,7 +100,7 @@ def show_flash():
         st.success(message)
 
 
-def data_page(store):
+def data_page(store, config):
     show_flash()
     name = st.selectbox("Table", list(TABLES), format_func=lambda t: TABLES[t].label, key="table")
     view, table = TABLES[name], getattr(store, name)
@@ -114,8 +115,23 @@ def data_page(store):
     st.download_button(f"Export {len(shown)} row{'' if len(shown) == 1 else 's'} (JSONL)",
                        to_jsonl(shown, view.exported), file_name=table.path.name, mime="application/jsonl",
                        key="export", disabled=not shown)
+    if name == "preferences" and rows:
+        st.caption("Train an adapter on every pair of this file with DPO (from the repository folder):")
+        st.code(dpo_command(config, table.path), language="bash")
     if view.editable and shown:
         edit_row(store, table, {row["id"]: row for row in shown}, view.editable)
+
+
+def dpo_command(config, path):
+    """The dpo.py command that trains on preference file `path`, with this server's model and its first adapter (the
+    SFT adapter to start from)."""
+    command = ["python", "dpo.py", "--dataset", str(path)]
+    if config.models[0]:
+        command += ["--model_name_or_path", config.models[0]] + (["--revision", config.revision] if config.revision
+                                                                 else [])
+    if config.default_adapter:
+        command += ["--lora_path", config.default_adapter]
+    return shlex.join(command)
 
 
 def edit_row(store, table, rows, editable):
@@ -155,4 +171,4 @@ st.title("ChatGLM evaluation" if page == "Evaluate" else "Collected feedback")
 if page == "Evaluate":
     evaluate_page(config, store)
 else:
-    data_page(store)
+    data_page(store, config)
