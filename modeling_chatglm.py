@@ -141,8 +141,8 @@ def rope_inv_freq(rot_dim, base=10000.0, device=None):
 
 def rotate_halves(x):
     """rotate_half applied to each half of the head separately: [a1 a2 | b1 b2] -> [-a2 a1 | -b2 b1]."""
-    x = x.unflatten(-1, (2, 2, x.shape[-1] // 4))
-    return torch.stack((-x[..., 1, :], x[..., 0, :]), dim=-2).flatten(-3)
+    x1, x2 = x.unflatten(-1, (2, 2, x.shape[-1] // 4)).unbind(-2)  # unbind, not indexing: no zero-filled grads
+    return torch.stack((-x2, x1), dim=-2).flatten(-3)
 
 
 def apply_rotary(x, cos, sin):
@@ -196,8 +196,9 @@ class SelfAttention(nn.Module):
     def forward(self, x, rope, attn_mask=None, prefix_key=None, prefix_value=None, cache=None):
         batch, length, _ = x.shape
         qkv = self.query_key_value(x).view(batch, length, self.num_heads, 3, self.head_dim)
-        qk = apply_rotary(qkv[..., :2, :], *rope)
-        q, k, v = (t.transpose(1, 2) for t in (qk[..., 0, :], qk[..., 1, :], qkv[..., 2, :]))  # [b, heads, len, d]
+        qk, v = qkv.split((2, 1), dim=-2)  # split / unbind: their backward concatenates, no zero-filled buffers
+        q, k = apply_rotary(qk, *rope).unbind(-2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.squeeze(-2).transpose(1, 2)  # [b, heads, len, d]
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
         if prefix_key is not None:
@@ -298,6 +299,28 @@ class ChunkCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, None
 
 
+class FrozenHeadCrossEntropy(torch.autograd.Function):
+    """ChunkCrossEntropy for a frozen LM head (LoRA, P-Tuning): the chunk's gradient with respect to `hidden` is
+    computed in forward, while the logits exist, and backward only scales it by the incoming gradient. One LM-head
+    matmul and one [tokens, hidden]-sized product per chunk instead of three matmuls; what is kept between forward
+    and backward is that [tokens, hidden] gradient, not logits. Equal to F.cross_entropy within fp32 rounding."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels):
+        logits = (hidden @ weight.t()).float()
+        lse = torch.logsumexp(logits, dim=-1)
+        loss = (lse - logits.gather(1, labels[:, None])[:, 0]).sum()
+        probs = logits.sub_(lse[:, None]).exp_()  # softmax, in the logits' buffer
+        probs[torch.arange(len(labels), device=labels.device), labels] -= 1
+        ctx.save_for_backward(probs.to(hidden.dtype) @ weight)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        (grad_hidden,) = ctx.saved_tensors
+        return grad_hidden * grad.to(grad_hidden.dtype), None, None
+
+
 def _plain_linear(module):
     """An nn.Linear without bias whose weight is a whole local tensor (not partitioned by ZeRO-3, not offloaded by
     Accelerate hooks): ChunkCrossEntropy may read its weight directly."""
@@ -323,7 +346,8 @@ def chunked_lm_loss(hidden_states, lm_head, labels, num_items_in_batch=None, chu
     for start in range(0, max(len(labels), 1), chunk_tokens):  # one (empty) chunk when nothing is labelled
         args = (lm_head, hidden[start:start + chunk_tokens], labels[start:start + chunk_tokens])
         if direct:
-            total = total + ChunkCrossEntropy.apply(args[1], lm_head.weight, args[2])
+            loss_fn = ChunkCrossEntropy if lm_head.weight.requires_grad else FrozenHeadCrossEntropy
+            total = total + loss_fn.apply(args[1], lm_head.weight, args[2])
         elif torch.is_grad_enabled():
             total = total + checkpoint(_chunk_loss_sum, *args, use_reentrant=False)
         else:
