@@ -70,6 +70,7 @@ def load_engine(args, adapters):
     import torch
 
     from glm_tune.loading import load_model_and_tokenizer
+    from glm_tune.runtime import pack_linears_for_cpu_inference
     from glm_tune.serving import BatchEngine
 
     model, tokenizer = load_model_and_tokenizer(args.model_name_or_path, None, dtype=args.dtype,
@@ -94,6 +95,7 @@ def load_engine(args, adapters):
         else:
             raise UserError(f"--lora_path {path}: only the first adapter may be a chatglm-lora.pt; give the others "
                             "as PEFT adapter folders")
+    pack_linears_for_cpu_inference(model)  # after the adapters: their layers stay as PEFT made them
     model.eval()
     engine = BatchEngine(model, tokenizer, args.max_batch_size, args.max_queue, adapters=internal)
     return engine.start(), tokenizer

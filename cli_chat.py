@@ -50,7 +50,7 @@ def main(argv=None, stdin=None, out=None):
     stdin, out = stdin or sys.stdin, out or sys.stdout
     model, tokenizer = load_model_and_tokenizer(args.model_name_or_path, args.lora_path, args.dtype,
                                                 merge_adapter=True, revision=args.revision,
-                                                ptuning_checkpoint=args.ptuning_checkpoint)
+                                                ptuning_checkpoint=args.ptuning_checkpoint, pack_for_cpu=True)
     if torch.cuda.is_available():
         model = model.cuda()
     generation = dict(max_length=args.max_length, do_sample=args.do_sample, temperature=args.temperature,

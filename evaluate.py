@@ -123,7 +123,7 @@ def main(argv=None):
         if len(done) < len(rows):
             extra = {"ptuning_checkpoint": args.ptuning_checkpoint} if getattr(args, "ptuning_checkpoint", None) else {}
             model, tokenizer = load_model_and_tokenizer(args.model_name_or_path, args.lora_path, args.dtype,
-                                                        revision=args.revision, **extra)
+                                                        revision=args.revision, pack_for_cpu=True, **extra)
             print(job.run(model, tokenizer, done))
         report = build_report(read_predictions(rows_path, rows), rows_path, settings)
         write_json(report_path, report)

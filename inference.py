@@ -35,7 +35,8 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     model, tokenizer = load_model_and_tokenizer(args.model_name_or_path, args.lora_path, args.dtype,
-                                                revision=args.revision, ptuning_checkpoint=args.ptuning_checkpoint)
+                                                revision=args.revision, ptuning_checkpoint=args.ptuning_checkpoint,
+                                                pack_for_cpu=True)
     if args.prompt:
         pairs = [(p, None) for p in args.prompt]
     else:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
-from transformers.cache_utils import DynamicCache
+from transformers.cache_utils import DynamicCache, DynamicLayer
 from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -182,6 +182,36 @@ class CheckpointRotaryBuffer(nn.Module):
 # Blocks
 
 
+# Room a decode cache grows by when it is full: this fraction of its length plus a constant number of tokens.
+CACHE_GROWTH, CACHE_SLACK = 0.5, 32
+
+
+def append_to_cache(cache, layer_idx, k, v):
+    """cache.update(k, v, layer_idx) for decoding without copying the whole cache at every token: a DynamicCache layer
+    that already holds entries gets a buffer with room to spare (grown by CACHE_GROWTH when full), and its keys and
+    values become views of the filled part, so each new token costs a write of its own keys and values. Anything else
+    (a first fill, offloaded or other caches, gradients on) goes through cache.update. Returns what it returns."""
+    layer = cache.layers[layer_idx] if layer_idx < len(getattr(cache, "layers", ())) else None
+    if (type(layer) is not DynamicLayer or getattr(cache, "offloading", False) or torch.is_grad_enabled()
+            or not layer.is_initialized or layer.get_seq_length() == 0):
+        return cache.update(k, v, layer_idx)
+    keys, values = layer.keys, layer.values
+    used, new = keys.shape[-2], k.shape[-2]
+    buffers = getattr(layer, "glm_buffers", None)
+    if (buffers is None or buffers[0].data_ptr() != keys.data_ptr() or buffers[1].data_ptr() != values.data_ptr()
+            or buffers[0].shape[:2] != keys.shape[:2] or buffers[0].shape[-2] < used + new
+            or keys.stride() != buffers[0].stride() or values.stride() != buffers[1].stride()):
+        room = used + new + int((used + new) * CACHE_GROWTH) + CACHE_SLACK
+        buffers = tuple(t.new_empty(*t.shape[:2], room, t.shape[-1]) for t in (keys, values))
+        buffers[0][..., :used, :] = keys
+        buffers[1][..., :used, :] = values
+        layer.glm_buffers = buffers
+    buffers[0][..., used:used + new, :] = k
+    buffers[1][..., used:used + new, :] = v
+    layer.keys, layer.values = buffers[0][..., :used + new, :], buffers[1][..., :used + new, :]
+    return layer.keys, layer.values
+
+
 class SelfAttention(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
@@ -200,7 +230,7 @@ class SelfAttention(nn.Module):
         q, k = apply_rotary(qk, *rope).unbind(-2)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.squeeze(-2).transpose(1, 2)  # [b, heads, len, d]
         if cache is not None:
-            k, v = cache.update(k, v, self.layer_idx)
+            k, v = append_to_cache(cache, self.layer_idx, k, v)
         if prefix_key is not None:
             k = torch.cat((prefix_key.expand(batch, -1, -1, -1), k), dim=2)
             v = torch.cat((prefix_value.expand(batch, -1, -1, -1), v), dim=2)
@@ -308,10 +338,12 @@ class FrozenHeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels):
         logits = (hidden @ weight.t()).float()
-        lse = torch.logsumexp(logits, dim=-1)
-        loss = (lse - logits.gather(1, labels[:, None])[:, 0]).sum()
-        probs = logits.sub_(lse[:, None]).exp_()  # softmax, in the logits' buffer
-        probs[torch.arange(len(labels), device=labels.device), labels] -= 1
+        target = logits.gather(1, labels[:, None])[:, 0]
+        top = logits.amax(dim=-1, keepdim=True)
+        probs = logits.sub_(top).exp_()  # in the logits' buffer: exp(logit - max), then the softmax
+        total = probs.sum(dim=-1, keepdim=True)
+        loss = (top[:, 0] + total[:, 0].log() - target).sum()
+        probs.div_(total)[torch.arange(len(labels), device=labels.device), labels] -= 1
         ctx.save_for_backward(probs.to(hidden.dtype) @ weight)
         return loss
 

@@ -18,6 +18,7 @@ The loss of a training step is computed in chunks over the labelled positions (n
 """
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -138,6 +139,12 @@ def bench_memory(args):
 @torch.inference_mode()
 def bench_generate(model, config, args, device):
     model.eval()
+    if args.pack_weights:  # as inference.py, cli_chat.py, evaluate.py, the web pages and api.py load models
+        from glm_tune.runtime import can_pack_linears, pack_linears_for_cpu_inference
+
+        if can_pack_linears(model):  # a copy: training (LoRA on nn.Linear) may follow on `model`
+            model = copy.deepcopy(model)
+            pack_linears_for_cpu_inference(model)
     gen = torch.Generator().manual_seed(1)
     # Nothing may stop a row early (random weights can emit <eop>): min_new_tokens forces every new token.
     kwargs = dict(do_sample=False, use_cache=True, pad_token_id=config.pad_token_id, eos_token_id=config.eos_token_id)
@@ -254,6 +261,9 @@ def main():
                    help="run the training forward under torch.autocast in the weights' dtype, as finetune.py and "
                         "multi_gpu_fintune_belle.py do with --bf16/--fp16 (default: plain bf16 weights, PEFT's fp32 "
                         "adapters; the pre-issue-16 benchmark)")
+    p.add_argument("--pack_weights", action=argparse.BooleanOptionalAction, default=True,
+                   help="--generate: prepacked bf16 linear weights on CPUs with native bf16, as the inference scripts "
+                        "load models (--no-pack_weights: plain nn.Linear) (default: %(default)s)")
     p.add_argument("--seq_len", type=int, default=512, help="training sequence length")
     p.add_argument("--batch_size", type=int, default=4, help="training batch size")
     p.add_argument("--steps", type=int, default=3, help="timed training steps (the median is reported)")

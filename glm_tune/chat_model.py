@@ -52,7 +52,7 @@ def load_chatglm(model_name_or_path=None, lora_path=None, dtype="auto", revision
     key = (str(folder), str(Path(lora_path).resolve()) if lora_path else None, str(dtype))
     with _LOADING:
         if key not in _LOADED:
-            model, tokenizer = load_model_and_tokenizer(folder, lora_path, dtype=dtype)
+            model, tokenizer = load_model_and_tokenizer(folder, lora_path, dtype=dtype, pack_for_cpu=True)
             _LOADED[key] = LoadedChatGLM(model, tokenizer)
         return _LOADED[key]
 

@@ -96,3 +96,54 @@ def exit_multiprocess_run():
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+# -- CPU inference: linear layers with prepacked bf16 weights ------------------------------------------------------------
+
+
+class PackedLinear(torch.nn.Module):
+    """An nn.Linear for bf16 inference on a CPU whose weight oneDNN has reordered once, at load time, into its
+    blocked layout. Plain F.linear on bf16 runs the same oneDNN kernel but reorders the weight on every call: decoding
+    (one token, weights read from memory each step) takes about half the time packed, with bit-identical results.
+    Inference only: no gradient flows through it."""
+
+    def __init__(self, linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("packed_weight", torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1),
+                             persistent=False)
+        bias = linear.bias.detach() if linear.bias is not None else None
+        self.register_buffer("bias", bias, persistent=False)
+
+    def forward(self, x):
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, packed bf16"
+
+
+def can_pack_linears(model):
+    """True where PackedLinear applies: bf16 weights on the CPU, and oneDNN with native bf16 (AMX / AVX512-BF16)."""
+    weight = next(model.parameters())
+    return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def pack_linears_for_cpu_inference(model):
+    """Every plain nn.Linear of an inference-only model becomes a PackedLinear where can_pack_linears(model), else
+    nothing changes; returns how many were packed. Layers inside PEFT adapters (their base layer is read when
+    merging) are left as they are. The model can no longer be trained, merged or saved afterwards."""
+    if not can_pack_linears(model):
+        return 0
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    targets = []
+    for parent in model.modules():
+        if isinstance(parent, BaseTunerLayer):
+            continue
+        for name, child in parent.named_children():
+            if type(child) is torch.nn.Linear and child.weight.dtype == torch.bfloat16:
+                targets.append((parent, name, child))
+    for parent, name, child in targets:
+        setattr(parent, name, PackedLinear(child))
+    return len(targets)

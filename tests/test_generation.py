@@ -102,6 +102,30 @@ def test_cached_and_uncached_greedy_generation_give_the_same_tokens(model):
     assert len(set(cached[0].tolist())) >= 4  # a real sequence, not one repeated token
 
 
+def test_the_growing_decode_cache_gives_uncached_tokens_across_regrowths(model, monkeypatch):
+    import modeling_chatglm
+
+    monkeypatch.setattr(modeling_chatglm, "CACHE_GROWTH", 0.05)  # regrow every few tokens
+    monkeypatch.setattr(modeling_chatglm, "CACHE_SLACK", 1)
+    grown = []
+    real = modeling_chatglm.append_to_cache
+
+    def spy(cache, layer_idx, k, v):
+        before = getattr(cache.layers[layer_idx], "glm_buffers", None) if cache.layers else None
+        out = real(cache, layer_idx, k, v)
+        after = getattr(cache.layers[layer_idx], "glm_buffers", None)
+        grown.append(after is not None and after is not before)
+        assert after is None or out[0].data_ptr() == after[0].data_ptr()  # keys are a view of the buffer
+        return out
+
+    monkeypatch.setattr(modeling_chatglm, "append_to_cache", spy)
+    ids, mask = left_pad(PROMPTS)
+    with torch.inference_mode():
+        cached = greedy(model, ids, mask)
+    assert sum(grown) >= 3 * model.config.num_layers  # several regrowths per layer
+    assert torch.equal(cached, greedy(model, ids, mask, use_cache=False))
+
+
 def test_each_step_of_the_cache_equals_a_full_forward(model):
     ids = torch.tensor([PROMPTS[0] + [7, 8, 9, 10]])
     full = model(ids).logits

@@ -116,7 +116,7 @@ def load_model(model_name_or_path, lora_path, dtype, revision=None, ptuning_chec
 
     start = time.perf_counter()
     model, tokenizer = load_model_and_tokenizer(model_name_or_path, lora_path, dtype, revision=revision,
-                                                ptuning_checkpoint=ptuning_checkpoint)
+                                                ptuning_checkpoint=ptuning_checkpoint, pack_for_cpu=True)
     LOADS.append((model_name_or_path, lora_path))
     print(f"webui: loaded {model_name_or_path or EMBEDDED} with "
           f"{'P-Tuning prefix ' + ptuning_checkpoint if ptuning_checkpoint else 'adapter ' + (lora_path or 'none')} in "
