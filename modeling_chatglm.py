@@ -188,13 +188,18 @@ CACHE_GROWTH, CACHE_SLACK = 0.5, 32
 
 def append_to_cache(cache, layer_idx, k, v):
     """cache.update(k, v, layer_idx) for decoding without copying the whole cache at every token: a DynamicCache layer
-    that already holds entries gets a buffer with room to spare (grown by CACHE_GROWTH when full), and its keys and
+    appended to a second time gets a buffer with room to spare (grown by CACHE_GROWTH when full), and its keys and
     values become views of the filled part, so each new token costs a write of its own keys and values. Anything else
-    (a first fill, offloaded or other caches, gradients on) goes through cache.update. Returns what it returns."""
+    (a first append, offloaded or other caches, gradients on) goes through cache.update. Returns what it returns."""
     layer = cache.layers[layer_idx] if layer_idx < len(getattr(cache, "layers", ())) else None
     if (type(layer) is not DynamicLayer or getattr(cache, "offloading", False) or torch.is_grad_enabled()
-            or not layer.is_initialized or layer.get_seq_length() == 0):
-        return cache.update(k, v, layer_idx)
+            or not layer.is_initialized or layer.get_seq_length() == 0 or not getattr(layer, "glm_appended", False)):
+        # the first append to this cache's layer (a prefill, or a cache rebuilt for one step) concatenates: only a
+        # cache that is decoded into again gets spare room
+        keys_values = cache.update(k, v, layer_idx)
+        if type(layer) is DynamicLayer:
+            layer.glm_appended = True
+        return keys_values
     keys, values = layer.keys, layer.values
     used, new = keys.shape[-2], k.shape[-2]
     buffers = getattr(layer, "glm_buffers", None)
@@ -316,41 +321,23 @@ class ChunkCrossEntropy(torch.autograd.Function):
         logits = (hidden @ weight.t()).float()
         lse = torch.logsumexp(logits, dim=-1)
         ctx.save_for_backward(hidden, weight, labels, lse)
+        device = hidden.device.type  # backward recomputes the logits under the autocast state they were made in
+        ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
         return (lse - logits.gather(1, labels[:, None])[:, 0]).sum()
 
     @staticmethod
     def backward(ctx, grad):
         hidden, weight, labels, lse = ctx.saved_tensors
-        probs = (hidden @ weight.t()).float().sub_(lse[:, None]).exp_()
+        device, dtype, enabled = ctx.autocast
+        with torch.autocast(device, dtype=dtype, enabled=enabled):
+            logits = hidden @ weight.t()
+        probs = logits.float().sub_(lse[:, None]).exp_()
         probs[torch.arange(len(labels), device=labels.device), labels] -= 1
-        grad_logits = probs.mul_(grad).to(hidden.dtype)
-        grad_hidden = grad_logits @ weight if ctx.needs_input_grad[0] else None
-        grad_weight = grad_logits.t() @ hidden if ctx.needs_input_grad[1] else None
+        grad_logits = probs.mul_(grad).to(logits.dtype)
+        grad_hidden = (grad_logits @ weight.to(logits.dtype)).to(hidden.dtype) if ctx.needs_input_grad[0] else None
+        grad_weight = ((grad_logits.t() @ hidden.to(logits.dtype)).to(weight.dtype) if ctx.needs_input_grad[1]
+                       else None)
         return grad_hidden, grad_weight, None
-
-
-class FrozenHeadCrossEntropy(torch.autograd.Function):
-    """ChunkCrossEntropy for a frozen LM head (LoRA, P-Tuning): the chunk's gradient with respect to `hidden` is
-    computed in forward, while the logits exist, and backward only scales it by the incoming gradient. One LM-head
-    matmul and one [tokens, hidden]-sized product per chunk instead of three matmuls; what is kept between forward
-    and backward is that [tokens, hidden] gradient, not logits. Equal to F.cross_entropy within fp32 rounding."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, labels):
-        logits = (hidden @ weight.t()).float()
-        target = logits.gather(1, labels[:, None])[:, 0]
-        top = logits.amax(dim=-1, keepdim=True)
-        probs = logits.sub_(top).exp_()  # in the logits' buffer: exp(logit - max), then the softmax
-        total = probs.sum(dim=-1, keepdim=True)
-        loss = (top[:, 0] + total[:, 0].log() - target).sum()
-        probs.div_(total)[torch.arange(len(labels), device=labels.device), labels] -= 1
-        ctx.save_for_backward(probs.to(hidden.dtype) @ weight)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad):
-        (grad_hidden,) = ctx.saved_tensors
-        return grad_hidden * grad.to(grad_hidden.dtype), None, None
 
 
 def _plain_linear(module):
@@ -378,8 +365,7 @@ def chunked_lm_loss(hidden_states, lm_head, labels, num_items_in_batch=None, chu
     for start in range(0, max(len(labels), 1), chunk_tokens):  # one (empty) chunk when nothing is labelled
         args = (lm_head, hidden[start:start + chunk_tokens], labels[start:start + chunk_tokens])
         if direct:
-            loss_fn = ChunkCrossEntropy if lm_head.weight.requires_grad else FrozenHeadCrossEntropy
-            total = total + loss_fn.apply(args[1], lm_head.weight, args[2])
+            total = total + ChunkCrossEntropy.apply(args[1], lm_head.weight, args[2])
         elif torch.is_grad_enabled():
             total = total + checkpoint(_chunk_loss_sum, *args, use_reentrant=False)
         else:
