@@ -19,7 +19,6 @@ it on the base alone.
 
 import dataclasses
 import functools
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -250,20 +249,12 @@ def load_preferences(path, tokenizer, max_length, skip_bad_rows=False, log=print
 def load_policy_model(model_args, pref_args, lora_args, train_args, log=print):
     """The base model with the adapter to train ("default"): a copy of --lora_path's adapter, or fresh LoRA (or the
     seed's --is_resume --resume_path) as finetune.py makes it."""
-    from transformers import set_seed
-
-    from glm_tune.loading import load_model
     from glm_tune.lora import apply_adapter
-    from glm_tune.training import load_lora_model
+    from glm_tune.training import load_base_for_training, load_lora_model
 
     if not pref_args.lora_path:
         return load_lora_model(model_args, lora_args, train_args, log=log)
-    model = load_model(model_args.model_name_or_path, model_args.dtype, revision=model_args.revision)
-    model.config.use_cache = False
-    if train_args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    set_seed(train_args.seed)
-    model = apply_adapter(model, pref_args.lora_path)
+    model = apply_adapter(load_base_for_training(model_args, train_args), pref_args.lora_path)
     model.peft_config[POLICY].inference_mode = False  # PeftModel.from_pretrained loads adapters frozen
     for name, param in model.named_parameters():
         if "lora_" in name and f".{POLICY}." in name:
@@ -272,12 +263,6 @@ def load_policy_model(model_args, pref_args, lora_args, train_args, log=print):
         log(f"policy and reference start from the adapter {pref_args.lora_path}")
         model.print_trainable_parameters()
     return model
-
-
-def policy_state_dict(model):
-    """The trained adapter's tensors, keyed as in chatglm-lora.pt (PEFT parameter names)."""
-    return {name: param.detach().to("cpu").clone() for name, param in model.named_parameters()
-            if "lora_" in name and f".{POLICY}." in name}
 
 
 class ChatGLMDPOTrainer(DPOTrainer):
@@ -346,17 +331,19 @@ def preference_accuracy(trainer, dataset, batch_size=32):
 def write_dpo_outputs(trainer, out, tokenizer, model_args, accuracy=None):
     """The project's run outputs (chatglm-lora.pt, tokenizer, loss_curve.png, the try-it line), plus
     rewards_curve.png (reward margins and accuracies) and preference_accuracy.json."""
+    from glm_tune.atomic import write_json
+    from glm_tune.lora import lora_state_dict
     from glm_tune.plotting import plot_metrics
     from glm_tune.training import write_run_outputs
 
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    write_run_outputs(out, policy_state_dict(model), tokenizer, trainer.state.log_history, model_args)
+    model = trainer.accelerator.unwrap_model(trainer.model)  # the reference adapter is frozen: only the policy's
+    write_run_outputs(out, lora_state_dict(model), tokenizer, trainer.state.log_history, model_args)
     plot = plot_metrics(trainer.state.log_history, ["rewards/margins", "rewards/accuracies"],
                         Path(out) / "rewards_curve.png", title="DPO rewards (train)")
     if plot:
         print(f"reward margins and accuracies: {plot}")
     if accuracy is not None:
-        (Path(out) / "preference_accuracy.json").write_text(json.dumps(accuracy, indent=2) + "\n")
+        write_json(Path(out) / "preference_accuracy.json", accuracy)
 
 
 def run_dpo(argv=None, description=None):

@@ -20,15 +20,27 @@ def load_trainable_model(model_args, lora_args, ptuning_args, train_args, log=pr
     return load_lora_model(model_args, lora_args, train_args, log)
 
 
-def load_ptuning_model(model_args, ptuning_args, train_args, log=print):
-    """The base model with pre_seq_len / prefix_projection set: frozen but for transformer.prefix_encoder (fp32, its
-    initial values from --seed), set up for training like load_lora_model. No PEFT."""
-    set_seed(train_args.seed)  # before the prefix encoder is made: its initial values repeat
+def load_base_for_training(model_args, train_args, config_overrides=None, seed_first=False):
+    """The base model set up for training: no KV cache, gradient checkpointing when asked, and the seed set (before
+    loading with seed_first, when the load itself makes new parameters, else after), so that whatever is made next
+    (adapters, a prefix encoder) starts from the same values every run."""
+    if seed_first:
+        set_seed(train_args.seed)
     model = load_model(model_args.model_name_or_path, model_args.dtype, revision=model_args.revision,
-                       config_overrides=ptuning_overrides(ptuning_args.pre_seq_len, ptuning_args.prefix_projection))
+                       config_overrides=config_overrides)
     model.config.use_cache = False
     if train_args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if not seed_first:
+        set_seed(train_args.seed)
+    return model
+
+
+def load_ptuning_model(model_args, ptuning_args, train_args, log=print):
+    """The base model with pre_seq_len / prefix_projection set: frozen but for transformer.prefix_encoder (fp32, its
+    initial values from --seed), set up for training like load_lora_model. No PEFT."""
+    overrides = ptuning_overrides(ptuning_args.pre_seq_len, ptuning_args.prefix_projection)
+    model = load_base_for_training(model_args, train_args, overrides, seed_first=True)  # the prefix is made in load
     setup_ptuning(model)
     if log:
         log(describe_trainable(model))
@@ -38,11 +50,7 @@ def load_ptuning_model(model_args, ptuning_args, train_args, log=print):
 def load_lora_model(model_args, lora_args, train_args, log=print):
     """The base model (under ZeRO-3 partitioned while it loads) with fresh LoRA adapters, or the seed's
     --is_resume --resume_path adapter; set up for training (no KV cache, gradient checkpointing when asked)."""
-    model = load_model(model_args.model_name_or_path, model_args.dtype, revision=model_args.revision)
-    model.config.use_cache = False
-    if train_args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    set_seed(train_args.seed)  # before the adapters are made: their initial values repeat
+    model = load_base_for_training(model_args, train_args)  # seeded: the adapters' initial values repeat
     model = add_lora(model, lora_args.lora_rank, lora_args.lora_alpha, lora_args.lora_dropout, lora_args.lora_target)
     if lora_args.is_resume:
         loaded = load_lora_pt(model, lora_args.resume_path)
