@@ -311,32 +311,36 @@ def _chunk_loss_sum(lm_head, hidden, labels):
 
 
 class ChunkCrossEntropy(torch.autograd.Function):
-    """Summed cross entropy of `hidden @ weight.T` (fp32 log-softmax) with a hand-written backward: the logits are
-    recomputed there and turned into their gradient in place (softmax minus one-hot), so a chunk costs two LM-head
-    matmuls forward-and-recompute, one fp32 copy each way, and no zero-filled [tokens, vocab] buffer or second
-    log-softmax as autograd's cross entropy under checkpointing has. Equal to F.cross_entropy within fp32 rounding."""
+    """Summed cross entropy of `hidden @ weight.T` (fp32 log-softmax) with a hand-written backward that recomputes the
+    logits instead of keeping them. Each pass over the [tokens, vocab] logits is one fused kernel: log_softmax with an
+    fp32 result in forward; in backward a softmax in the logits' own dtype (computed in fp32 inside the kernel), whose
+    label entries are then set to p - 1 from the forward's fp32 log-probability; the upstream gradient scales the
+    [tokens, hidden] result, not the logits. No fp32 copy of bf16 logits, no zero-filled [tokens, vocab] buffer, no
+    second log-softmax as autograd's cross entropy under checkpointing has. Equal to F.cross_entropy within fp32
+    rounding in fp32, within bf16 rounding of the gradient in bf16."""
 
     @staticmethod
     def forward(ctx, hidden, weight, labels):
-        logits = (hidden @ weight.t()).float()
-        lse = torch.logsumexp(logits, dim=-1)
-        ctx.save_for_backward(hidden, weight, labels, lse)
+        logits = hidden @ weight.t()
+        picked = torch.log_softmax(logits, dim=-1, dtype=torch.float32).gather(1, labels[:, None])[:, 0]
+        ctx.save_for_backward(hidden, weight, labels, picked)
         device = hidden.device.type  # backward recomputes the logits under the autocast state they were made in
         ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
-        return (lse - logits.gather(1, labels[:, None])[:, 0]).sum()
+        return -picked.sum()
 
     @staticmethod
     def backward(ctx, grad):
-        hidden, weight, labels, lse = ctx.saved_tensors
+        hidden, weight, labels, picked = ctx.saved_tensors
         device, dtype, enabled = ctx.autocast
         with torch.autocast(device, dtype=dtype, enabled=enabled):
             logits = hidden @ weight.t()
-        probs = logits.float().sub_(lse[:, None]).exp_()
-        probs[torch.arange(len(labels), device=labels.device), labels] -= 1
-        grad_logits = probs.mul_(grad).to(logits.dtype)
-        grad_hidden = (grad_logits @ weight.to(logits.dtype)).to(hidden.dtype) if ctx.needs_input_grad[0] else None
-        grad_weight = ((grad_logits.t() @ hidden.to(logits.dtype)).to(weight.dtype) if ctx.needs_input_grad[1]
-                       else None)
+        grad_logits = torch.softmax(logits, dim=-1)
+        grad_logits[torch.arange(len(labels), device=labels.device), labels] = torch.expm1(picked).to(logits.dtype)
+        grad_hidden = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_hidden = (grad_logits @ weight.to(logits.dtype)).mul_(grad).to(hidden.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad_logits.t() @ hidden.to(logits.dtype)).mul_(grad).to(weight.dtype)
         return grad_hidden, grad_weight, None
 
 

@@ -32,7 +32,7 @@ from _common import (
     generation_rows, peak_memory_bytes, report, report_memory, run_memory_child, sync)
 from configuration_chatglm import ChatGLMConfig
 from glm_tune.checkpoint import SMALL_SHAPE
-from glm_tune.runtime import DTYPE_CHOICES, parse_dtype
+from glm_tune.runtime import DTYPE_CHOICES, keep_freed_memory, parse_dtype
 from modeling_chatglm import ChatGLMForConditionalGeneration
 
 PRESETS = {
@@ -53,6 +53,8 @@ def make_config(args):
 
 def build_model(config, dtype, device):
     # Built directly in `dtype` on `device`: the 6B model must never exist as fp32 weights in CPU memory (~26 GB).
+    if device.type == "cpu":
+        keep_freed_memory()  # as glm_tune.loading.load_model does for the scripts' CPU runs
     with torch.device(device):
         model = ChatGLMForConditionalGeneration._from_config(config, dtype=dtype)
     return model
@@ -76,13 +78,12 @@ def training_batch(config, batch, seq_len, device, gen):
 
 
 def add_lora(model, gradient_checkpointing):
-    from peft import LoraConfig, get_peft_model
+    from glm_tune.lora import add_lora as add_adapters  # what the training scripts use (PEFT + the fused forward)
 
     if gradient_checkpointing:
         # Non-reentrant: the reentrant variant drops LoRA gradients when a block's input (frozen embeddings) needs none.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    lora = LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=32, lora_dropout=0.1, target_modules=["query_key_value"])
-    model = get_peft_model(model, lora)
+    model = add_adapters(model, rank=8, alpha=32, dropout=0.1, target="query_key_value")
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     return model, optimizer

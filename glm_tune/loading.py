@@ -5,8 +5,10 @@ import re
 import sys
 from pathlib import Path
 
+import torch
+
 from glm_tune.errors import UserError
-from glm_tune.runtime import pack_linears_for_cpu_inference, parse_dtype
+from glm_tune.runtime import keep_freed_memory, pack_linears_for_cpu_inference, parse_dtype
 from modeling_chatglm import ChatGLMForConditionalGeneration
 from tokenization_chatglm import ChatGLMTokenizer, IceTextModelError
 
@@ -110,6 +112,8 @@ def load_model(model_name_or_path=None, dtype="auto", device_map=None, max_memor
     `config_overrides` replace config.json fields (e.g. pre_seq_len / prefix_projection for P-Tuning v2)."""
     folder = resolve_model_path(model_name_or_path, revision)
     dtype = parse_dtype(dtype) if isinstance(dtype, (str, type(None))) else dtype
+    if device_map is None and not torch.cuda.is_available():
+        keep_freed_memory()  # CPU steps reuse their freed activations' memory (see runtime.keep_freed_memory)
     split = {} if device_map is None else dict(max_memory=max_memory, offload_folder=offload_folder)
     model = ChatGLMForConditionalGeneration.from_pretrained(str(folder), dtype=dtype, device_map=device_map, **split,
                                                             **(config_overrides or {}))

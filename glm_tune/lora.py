@@ -1,5 +1,6 @@
 """LoRA wiring: which layers get adapters, and saving / loading them in both the PEFT and the seed's format."""
 
+import types
 from pathlib import Path
 
 import torch
@@ -25,34 +26,107 @@ def target_modules(target):
 def add_lora(model, rank=8, alpha=32, dropout=0.1, target="query_key_value"):
     config = LoraConfig(task_type="CAUSAL_LM", r=rank, lora_alpha=alpha, lora_dropout=dropout,
                         target_modules=target_modules(target))
-    return skip_input_casts_under_autocast(get_peft_model(model, config))
+    return fuse_lora_layers(get_peft_model(model, config))
 
 
-def _dropout_is_identity(module):
-    return not module.training or all(isinstance(d, torch.nn.Identity) or d.p == 0
-                                      for d in module.lora_dropout.values())
+# ----------------------------------------------------------------------------------------------------------------------
+# The LoRA layer's forward, fused
+#
+# PEFT keeps adapters in fp32 on a bf16/fp16 base (right for the optimizer) and, at every call, casts the layer's input
+# to fp32, draws a Bernoulli dropout mask, runs both adapter matmuls in fp32, scales and adds an fp32 [tokens, out]
+# delta, then casts the sum back: per layer, forward and backward, several full-size fp32 copies. fuse_lora_layers
+# replaces that, for the plain case, with one autograd function working in the base output's dtype:
+#     out = base(x) + (scale / (1 - p)) * ((x * keep) @ A.T) @ B.T
+# - the matmuls run in the dtype of base(x) (bf16 on a bf16 base or under autocast, as autocast runs them; fp32 on an
+#   fp32 base, where the result equals PEFT's within fp32 rounding); the rank-r product is scaled in fp32 and the
+#   delta is accumulated into base(x) by one addmm, so it is rounded once;
+# - the dropout mask multiplies exactly (0/1) and its 1/(1-p) joins the scale on the rank-r product, so bf16 never
+#   rounds it; the mask takes 16 random bits per element (p is rounded to a multiple of 1/65536) from one 64-bit draw
+#   per four elements of the torch generator: a quarter of the draws of bernoulli_, which is most of its cost on CPU;
+# - the LoRA gradients come from the same matmuls in that dtype and are returned in the adapters' dtype (fp32).
+# Anything else (merged or disabled adapters, several active adapters, DoRA and other variants, per-row adapter
+# names, ZeRO-3 partitioned or Accelerate-offloaded weights, non-Linear bases) runs PEFT's own forward.
+
+DROPOUT_BITS = 16
 
 
-def _autocast_aware(module, args):
-    x = args[0] if args else None
-    if isinstance(x, torch.Tensor):
-        module.cast_input_dtype_enabled = not (torch.is_autocast_enabled(x.device.type)
-                                               and _dropout_is_identity(module))
+def dropout_keep(x, p):
+    """Boolean keep-mask shaped like x: True with probability 1 - p', p' = p rounded to a multiple of 2**-16. Returns
+    (mask, p'). Four 16-bit fields of each 64-bit random number make four decisions."""
+    levels = 2**DROPOUT_BITS
+    drop = round(p * levels)
+    n = x.numel()
+    bits = torch.randint(-2**63, 2**63 - 1, (-(-n // 4),), dtype=torch.int64, device=x.device)
+    fields = bits.view(torch.int16)[:n].view(x.shape)
+    return fields >= drop - levels // 2, drop / levels
 
 
-def skip_input_casts_under_autocast(model):
-    """PEFT keeps adapters in fp32 on a bf16/fp16 base (right for the optimizer) and casts each LoRA layer's input to
-    fp32 on every call. Under autocast, which both training scripts run in with --bf16/--fp16, the LoRA matmuls run in
-    the half dtype anyway: that cast is a copy of the activations there and back, per layer, forward and backward, for
-    bit-identical results. Each LoRA layer skips it while autocast is on and its dropout does nothing (p = 0, or
-    eval). With dropout the cast stays: bf16 dropout rounds its 1/(1-p) scale to bf16, which would change the
-    gradients by ~0.2%. Outside autocast PEFT casts as before."""
-    from peft.tuners.lora import LoraLayer
+class LoraDelta(torch.autograd.Function):
+    """base_out + scale * ((x * keep) @ A.T) @ B.T in base_out's dtype; see the section comment above."""
+
+    @staticmethod
+    def forward(ctx, base_out, x, weight_a, weight_b, scale, keep):
+        dtype = base_out.dtype
+        a, b = weight_a.to(dtype), weight_b.to(dtype)
+        xm = x.to(dtype).reshape(-1, x.shape[-1])
+        if keep is not None:
+            xm = xm * keep.reshape(xm.shape)
+        z = ((xm @ a.t()).float() * scale).to(dtype)
+        out = torch.addmm(base_out.reshape(-1, base_out.shape[-1]), z, b.t())
+        ctx.save_for_backward(xm, z, a, b, keep)
+        ctx.scale, ctx.x_meta = scale, (x.shape, x.dtype)
+        ctx.param_dtypes = weight_a.dtype, weight_b.dtype
+        return out.view(base_out.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        xm, z, a, b, keep = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1]).to(z.dtype)
+        grad_z = ((g @ b).float() * ctx.scale).to(z.dtype)
+        grad_a = (grad_z.t() @ xm).to(ctx.param_dtypes[0]) if ctx.needs_input_grad[2] else None
+        grad_b = (g.t() @ z).to(ctx.param_dtypes[1]) if ctx.needs_input_grad[3] else None
+        grad_x = None
+        if ctx.needs_input_grad[1]:
+            shape, dtype = ctx.x_meta
+            grad_x = grad_z @ a
+            if keep is not None:
+                grad_x = grad_x * keep.reshape(grad_x.shape)
+            grad_x = grad_x.view(shape).to(dtype)
+        return grad, grad_x, grad_a, grad_b, None, None
+
+
+def _whole(module):
+    weight = getattr(module, "weight", None)
+    return (weight is not None and weight.device.type != "meta" and not hasattr(weight, "ds_id")
+            and not hasattr(module, "_hf_hook"))
+
+
+def _fused_forward(module, x, *args, **kwargs):
+    """PEFT's Linear.forward for one plain active adapter, through LoraDelta; PEFT's own forward otherwise."""
+    adapters = [a for a in module.active_adapters if a in module.lora_A]
+    adapter = adapters[0] if len(adapters) == 1 else None
+    dropout = module.lora_dropout[adapter] if adapter is not None else None
+    if (args or kwargs or module.disable_adapters or module.merged or adapter is None
+            or adapter in getattr(module, "lora_variant", {}) or type(module.base_layer) is not torch.nn.Linear
+            or not isinstance(dropout, (torch.nn.Dropout, torch.nn.Identity)) or not x.is_floating_point()
+            or not all(_whole(m) for m in (module.base_layer, module.lora_A[adapter], module.lora_B[adapter]))):
+        return module._peft_forward(x, *args, **kwargs)
+    base_out = module.base_layer(x)
+    scale, keep = module.scaling[adapter], None
+    if isinstance(dropout, torch.nn.Dropout) and dropout.training and dropout.p > 0:
+        keep, p = dropout_keep(x, dropout.p)
+        scale = scale / (1 - p)
+    return LoraDelta.apply(base_out, x, module.lora_A[adapter].weight, module.lora_B[adapter].weight, scale, keep)
+
+
+def fuse_lora_layers(model):
+    """Route every PEFT LoRA Linear of `model` through _fused_forward (idempotent). Returns the model."""
+    from peft.tuners.lora import Linear
 
     for module in model.modules():
-        if isinstance(module, LoraLayer) and not getattr(module, "_glm_autocast_hook", False):
-            module.register_forward_pre_hook(_autocast_aware)
-            module._glm_autocast_hook = True
+        if type(module) is Linear and not hasattr(module, "_peft_forward"):
+            module._peft_forward = module.forward
+            module.forward = types.MethodType(_fused_forward, module)
     return model
 
 
@@ -106,7 +180,7 @@ def apply_adapter(model, lora_path, dropout=0.0):
     """`lora_path`: a PEFT adapter folder, a folder holding chatglm-lora.pt, or that .pt file itself."""
     path = Path(lora_path)
     if path.is_dir() and (path / "adapter_config.json").exists() and any(path.glob("adapter_model.*")):
-        return skip_input_casts_under_autocast(PeftModel.from_pretrained(model, str(path)))
+        return fuse_lora_layers(PeftModel.from_pretrained(model, str(path)))
     pt = path / SEED_FILE if path.is_dir() else path
     if not pt.is_file():
         raise UserError(f"--lora_path {lora_path}: no adapter there (expected adapter_config.json + "
