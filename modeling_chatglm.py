@@ -139,19 +139,20 @@ def rope_inv_freq(rot_dim, base=10000.0, device=None):
     return inv_freq.half().float()
 
 
-def rotate_halves(x):
-    """rotate_half applied to each half of the head separately: [a1 a2 | b1 b2] -> [-a2 a1 | -b2 b1]."""
-    x1, x2 = x.unflatten(-1, (2, 2, x.shape[-1] // 4)).unbind(-2)  # unbind, not indexing: no zero-filled grads
-    return torch.stack((-x2, x1), dim=-2).flatten(-3)
+def swap_quarters(x):
+    """Each half of the head with its two quarters swapped: [a1 a2 | b1 b2] -> [a2 a1 | b2 b1] (one flip kernel)."""
+    return x.unflatten(-1, (2, 2, x.shape[-1] // 4)).flip(-2).flatten(-3)
 
 
-def apply_rotary(x, cos, sin):
-    return x * cos + rotate_halves(x) * sin
+def apply_rotary(x, cos, signed_sin):
+    """x rotated by the tables of RotaryEmbedding: x * cos + rotate_half(x) * sin for each half of the head, where
+    rotate_half([a1 a2]) = [-a2 a1]; the minus sign lives in `signed_sin`, so this is a mul, a flip and an addcmul."""
+    return torch.addcmul(x * cos, swap_quarters(x), signed_sin)
 
 
 class RotaryEmbedding(nn.Module):
-    """cos / sin tables for 2D rotary encoding, computed once per forward for every layer: the first half of a head
-    turns with the position id, the second half with the block position id.
+    """cos / signed sin tables for 2D rotary encoding (see apply_rotary), computed once per forward for every layer: the
+    first half of a head turns with the position id, the second half with the block position id.
 
     The frequencies are recomputed in fp32 at each call rather than kept in a buffer: a buffer would follow
     `model.to(bfloat16)`, and bf16 frequencies are too coarse for long positions (the official code does the same)."""
@@ -165,8 +166,11 @@ class RotaryEmbedding(nn.Module):
         inv_freq = torch.cat((inv_freq, inv_freq))
         # [batch, 2, length, rot_dim] -> [batch, length, head_dim]: position half, then block half
         angles = (position_ids[..., None].float() * inv_freq).transpose(1, 2).flatten(-2)
+        # sin with rotate_half's sign folded in: minus on the first quarter of each half (see apply_rotary)
+        signs = torch.tensor([[-1.0], [1.0]], device=angles.device)
+        signed_sin = (angles.sin().unflatten(-1, (2, 2, -1)) * signs).flatten(-3)
         # broadcast over heads and over the (q, k) pair: [batch, length, 1, 1, head_dim]
-        return angles.cos().to(dtype)[:, :, None, None], angles.sin().to(dtype)[:, :, None, None]
+        return angles.cos().to(dtype)[:, :, None, None], signed_sin.to(dtype)[:, :, None, None]
 
 
 class CheckpointRotaryBuffer(nn.Module):
@@ -271,9 +275,9 @@ class GLMBlock(GradientCheckpointingLayer):
 
     def forward(self, hidden_states, rope, attn_mask=None, prefix_key=None, prefix_value=None, cache=None):
         x = self.input_layernorm(hidden_states)
-        h = x * self.alpha + self.attention(x, rope, attn_mask, prefix_key, prefix_value, cache=cache)
+        h = torch.add(self.attention(x, rope, attn_mask, prefix_key, prefix_value, cache=cache), x, alpha=self.alpha)
         x = self.post_attention_layernorm(h)
-        return x * self.alpha + self.mlp(x)
+        return torch.add(self.mlp(x), x, alpha=self.alpha)  # one kernel for x * alpha + mlp(x)
 
 
 class PrefixEncoder(nn.Module):
@@ -303,6 +307,8 @@ class PrefixEncoder(nn.Module):
 # small enough that a chunk's transients (bf16 + fp32 logits, log-softmax, their gradients: ~4x this) stay well under
 # one full-sequence fp32 logits tensor (2048 tokens: 1.07 GB).
 LOSS_CHUNK_BYTES = 256 * 2**20
+# Inside a chunk, the forward's fp32 log-softmax runs over this many bytes of rows at a time.
+LOG_SOFTMAX_ROWS_BYTES = 16 * 2**20
 
 
 def _chunk_loss_sum(lm_head, hidden, labels):
@@ -313,7 +319,7 @@ def _chunk_loss_sum(lm_head, hidden, labels):
 class ChunkCrossEntropy(torch.autograd.Function):
     """Summed cross entropy of `hidden @ weight.T` (fp32 log-softmax) with a hand-written backward that recomputes the
     logits instead of keeping them. Each pass over the [tokens, vocab] logits is one fused kernel: log_softmax with an
-    fp32 result in forward; in backward a softmax in the logits' own dtype (computed in fp32 inside the kernel), whose
+    fp32 result in forward (a few rows at a time, so the fp32 copy never has the chunk's size); in backward a softmax in the logits' own dtype (computed in fp32 inside the kernel), whose
     label entries are then set to p - 1 from the forward's fp32 log-probability; the upstream gradient scales the
     [tokens, hidden] result, not the logits. No fp32 copy of bf16 logits, no zero-filled [tokens, vocab] buffer, no
     second log-softmax as autograd's cross entropy under checkpointing has. Equal to F.cross_entropy within fp32
@@ -322,7 +328,10 @@ class ChunkCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels):
         logits = hidden @ weight.t()
-        picked = torch.log_softmax(logits, dim=-1, dtype=torch.float32).gather(1, labels[:, None])[:, 0]
+        # fp32 log-probabilities a few rows at a time: a transient of LOG_SOFTMAX_ROWS_BYTES, not of the chunk's size
+        rows = max(1, LOG_SOFTMAX_ROWS_BYTES // (4 * logits.shape[1]))
+        picked = torch.cat([torch.log_softmax(part, dim=-1, dtype=torch.float32).gather(1, wanted[:, None])[:, 0]
+                            for part, wanted in zip(logits.split(rows), labels.split(rows))])
         ctx.save_for_backward(hidden, weight, labels, picked)
         device = hidden.device.type  # backward recomputes the logits under the autocast state they were made in
         ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
