@@ -37,15 +37,18 @@ def add_lora(model, rank=8, alpha=32, dropout=0.1, target="query_key_value"):
 # delta, then casts the sum back: per layer, forward and backward, several full-size fp32 copies. fuse_lora_layers
 # replaces that, for the plain case, with one autograd function working in the base output's dtype:
 #     out = base(x) + (scale / (1 - p)) * ((x * keep) @ A.T) @ B.T
-# - the matmuls run in the dtype of base(x) (bf16 on a bf16 base or under autocast, as autocast runs them; fp32 on an
-#   fp32 base, where the result equals PEFT's within fp32 rounding); the rank-r product is scaled in fp32 and the
-#   delta is accumulated into base(x) by one addmm, so it is rounded once;
+# - the matmuls run in the dtype of base(x): bf16 under autocast, as autocast runs them; fp32 on an fp32 base, where
+#   the result equals PEFT's within fp32 rounding. Fp32 adapters on a bf16 base outside autocast keep PEFT's fp32
+#   adapter math: running them in bf16 there made the bf16 demo (python finetune.py on an AMX CPU) plateau longer
+#   and miss its held-out accuracy. The rank-r product is scaled in fp32 and the delta is accumulated into base(x)
+#   by one addmm, so it is rounded once;
 # - the dropout mask multiplies exactly (0/1) and its 1/(1-p) joins the scale on the rank-r product, so bf16 never
 #   rounds it; the mask takes 16 random bits per element (p is rounded to a multiple of 1/65536) from one 64-bit draw
 #   per four elements of the torch generator: a quarter of the draws of bernoulli_, which is most of its cost on CPU;
 # - the LoRA gradients come from the same matmuls in that dtype and are returned in the adapters' dtype (fp32).
 # Anything else (merged or disabled adapters, several active adapters, DoRA and other variants, per-row adapter
-# names, ZeRO-3 partitioned or Accelerate-offloaded weights, non-Linear bases) runs PEFT's own forward.
+# names, ZeRO-3 partitioned or Accelerate-offloaded weights, non-Linear bases, fp32 adapters on a half-precision base
+# outside autocast) runs PEFT's own forward.
 
 DROPOUT_BITS = 16
 
@@ -109,7 +112,9 @@ def _fused_forward(module, x, *args, **kwargs):
     if (args or kwargs or module.disable_adapters or module.merged or adapter is None
             or adapter in getattr(module, "lora_variant", {}) or type(module.base_layer) is not torch.nn.Linear
             or not isinstance(dropout, (torch.nn.Dropout, torch.nn.Identity)) or not x.is_floating_point()
-            or not all(_whole(m) for m in (module.base_layer, module.lora_A[adapter], module.lora_B[adapter]))):
+            or not all(_whole(m) for m in (module.base_layer, module.lora_A[adapter], module.lora_B[adapter]))
+            or (module.lora_A[adapter].weight.dtype != module.base_layer.weight.dtype
+                and not torch.is_autocast_enabled(x.device.type))):
         return module._peft_forward(x, *args, **kwargs)
     base_out = module.base_layer(x)
     scale, keep = module.scaling[adapter], None
