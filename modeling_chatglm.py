@@ -353,12 +353,17 @@ class ChunkCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, None
 
 
-def _plain_linear(module):
-    """An nn.Linear without bias whose weight is a whole local tensor (not partitioned by ZeRO-3, not offloaded by
-    Accelerate hooks): ChunkCrossEntropy may read its weight directly."""
+def local_weight(module):
+    """Whether `module.weight` is a whole local tensor that may be read directly: not on the meta device, not
+    partitioned by ZeRO-3, not offloaded by Accelerate hooks (those fill it only while the module runs)."""
     weight = getattr(module, "weight", None)
-    return (type(module) is nn.Linear and module.bias is None and weight is not None and weight.dim() == 2
-            and weight.device.type != "meta" and not hasattr(weight, "ds_id") and not hasattr(module, "_hf_hook"))
+    return (weight is not None and weight.device.type != "meta" and not hasattr(weight, "ds_id")
+            and not hasattr(module, "_hf_hook"))
+
+
+def _plain_linear(module):
+    """An nn.Linear without bias whose weight is a whole local tensor: ChunkCrossEntropy may read its weight."""
+    return type(module) is nn.Linear and module.bias is None and local_weight(module) and module.weight.dim() == 2
 
 
 def chunked_lm_loss(hidden_states, lm_head, labels, num_items_in_batch=None, chunk_tokens=None):

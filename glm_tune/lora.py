@@ -9,6 +9,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from glm_tune.atomic import atomic_path
 from glm_tune.data import parse_json
 from glm_tune.errors import UserError
+from modeling_chatglm import local_weight
 
 ALL_LINEAR = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
 SEED_FILE = "chatglm-lora.pt"  # the seed's file: the trainable LoRA tensors only, keyed by PEFT parameter names
@@ -98,12 +99,6 @@ class LoraDelta(torch.autograd.Function):
         return grad, grad_x, grad_a, grad_b, None, None
 
 
-def _whole(module):
-    weight = getattr(module, "weight", None)
-    return (weight is not None and weight.device.type != "meta" and not hasattr(weight, "ds_id")
-            and not hasattr(module, "_hf_hook"))
-
-
 def _fused_forward(module, x, *args, **kwargs):
     """PEFT's Linear.forward for one plain active adapter, through LoraDelta; PEFT's own forward otherwise."""
     adapters = [a for a in module.active_adapters if a in module.lora_A]
@@ -112,7 +107,7 @@ def _fused_forward(module, x, *args, **kwargs):
     if (args or kwargs or module.disable_adapters or module.merged or adapter is None
             or adapter in getattr(module, "lora_variant", {}) or type(module.base_layer) is not torch.nn.Linear
             or not isinstance(dropout, (torch.nn.Dropout, torch.nn.Identity)) or not x.is_floating_point()
-            or not all(_whole(m) for m in (module.base_layer, module.lora_A[adapter], module.lora_B[adapter]))
+            or not all(local_weight(m) for m in (module.base_layer, module.lora_A[adapter], module.lora_B[adapter]))
             or (module.lora_A[adapter].weight.dtype != module.base_layer.weight.dtype
                 and not torch.is_autocast_enabled(x.device.type))):
         return module._peft_forward(x, *args, **kwargs)
