@@ -314,8 +314,9 @@ LOG_SOFTMAX_ROWS_BYTES = 16 * 2**20
 # On CPU, oneDNN computes a logits matmul with many rows and a small hidden size (mid-size models: 512 hidden, 32000
 # vocab) up to 2x faster as column blocks of this many vocabulary entries written into one output than in one call,
 # whose [rows, vocab] result does not stay in cache (measured with 2 threads: bf16 on an AMX Xeon, and fp32). The
-# same dot products: the results are identical. Fewer rows, or the 6B shape (4096 hidden), gain nothing.
-CPU_VOCAB_BLOCK, CPU_VOCAB_BLOCK_MIN_ROWS = 8192, 512
+# same dot products: the results are identical. Under 512 rows it is slower; at the 6B shape (hidden 4096, vocab
+# 130528, 512 rows) it measured no faster, so hidden sizes above 2048 keep the single call.
+CPU_VOCAB_BLOCK, CPU_VOCAB_BLOCK_MIN_ROWS, CPU_VOCAB_BLOCK_MAX_HIDDEN = 8192, 512, 2048
 
 
 def autocast_dtype(device_type):
@@ -330,7 +331,8 @@ def lm_logits(hidden, weight, dtype=None):
     if dtype is not None:
         hidden, weight = hidden.to(dtype), weight.to(dtype)
     if (hidden.device.type != "cpu" or hidden.shape[0] < CPU_VOCAB_BLOCK_MIN_ROWS or hidden.dtype != weight.dtype
-            or weight.shape[0] < 2 * CPU_VOCAB_BLOCK or torch.is_grad_enabled()):
+            or hidden.shape[1] > CPU_VOCAB_BLOCK_MAX_HIDDEN or weight.shape[0] < 2 * CPU_VOCAB_BLOCK
+            or torch.is_grad_enabled()):
         return hidden @ weight.t()
     out = hidden.new_empty(hidden.shape[0], weight.shape[0])
     with torch.autocast("cpu", enabled=False):  # operands are cast already; out= calls take no autocast

@@ -168,8 +168,15 @@ def test_vocabulary_blocked_logits_equal_one_matmul(monkeypatch, dtype):
     assert got.shape == (40, VOCAB) and got.dtype == dtype and torch.equal(cast, got)
     # the same dot products: fp32 equal up to summation order; bf16 within one rounding step of the result
     torch.testing.assert_close(got.float(), want.float(), rtol=1e-6 if dtype == torch.float32 else 2**-7, atol=1e-5)
+    calls = []
+    plain_mm = torch.mm
+    monkeypatch.setattr(torch, "mm", lambda *a, **k: calls.append(1) or plain_mm(*a, **k))
     with torch.enable_grad():  # differentiable calls keep the one matmul
         assert torch.equal(modeling_chatglm.lm_logits(hidden, weight), want)
+    monkeypatch.setattr(modeling_chatglm, "CPU_VOCAB_BLOCK_MAX_HIDDEN", 63)  # as do hidden sizes above the limit
+    with torch.no_grad():
+        assert torch.equal(modeling_chatglm.lm_logits(hidden, weight), want)
+    assert not calls
 
 
 def test_vocabulary_blocked_loss_gradients_and_eval_logits_equal_the_references(monkeypatch):
