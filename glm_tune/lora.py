@@ -42,8 +42,8 @@ def add_lora(model, rank=8, alpha=32, dropout=0.1, target="query_key_value"):
 #   the result equals PEFT's within fp32 rounding. Fp32 adapters on a bf16 base outside autocast keep PEFT's fp32
 #   adapter math: running them in bf16 there made the bf16 demo (python finetune.py on an AMX CPU) plateau longer
 #   and miss its held-out accuracy; so, less clearly, did PEFT's fp32 math fused with another dropout draw (mean
-#   56/60 over five seeds, one run 49, against 57.8 and 57-59 for PEFT's forward). The rank-r product is scaled in fp32 and the delta is accumulated into base(x)
-#   by one addmm, so it is rounded once;
+#   56/60 over five seeds, one run 49, against 57.8 and 57-59 for PEFT's forward). The rank-r product is scaled in
+#   fp32 and the delta is accumulated into base(x) by one addmm, so it is rounded once;
 # - the dropout mask multiplies exactly (0/1) and its 1/(1-p) joins the scale on the rank-r product, so bf16 never
 #   rounds it; the mask takes 16 random bits per element (p is rounded to a multiple of 1/65536) from one 64-bit draw
 #   per four elements of the torch generator: a quarter of the draws of bernoulli_, which is most of its cost on CPU;
