@@ -30,7 +30,7 @@ import faiss
 import numpy as np
 from PIL import Image
 
-from _common import cpu_name, report, report_memory, run_memory_child
+from _common import cpu_name, report, report_memory, rss_bytes, run_memory_child
 from glm_tune.image_index import (IVF_THRESHOLD, ImageIndex, build_image_index, default_nprobe, ivf_lists,
                                   make_faiss_index)
 
@@ -96,14 +96,6 @@ def time_batch(index, queries, k, nprobe=None):
 
 def top1(index, queries, nprobe=None):
     return np.array([hits[0].id for hits in index.search_vectors(queries, 1, nprobe)])
-
-
-def rss_bytes(field):
-    """VmRSS (now) or VmHWM (peak) of this process, from /proc/self/status (Linux)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def memory_child(args):
