@@ -1,9 +1,15 @@
-"""Shared fixtures: small official-layout checkpoints built once per session, an isolated model cache."""
+"""Shared fixtures: small official-layout checkpoints built once per session, an isolated model cache.
+
+pytest.ini runs the suite in two pytest-xdist workers, one test file per worker at a time (--dist loadfile: a file's
+session and module fixtures are built once). Each worker and every process a test starts use one thread unless
+OMP_NUM_THREADS says otherwise: the test models are tiny, and two workers already fill two cores."""
 
 import os
 from pathlib import Path
 
 import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -37,14 +43,30 @@ def make_checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="session", autouse=True)
-def remove_deepspeed_shm_buffers():
+def one_torch_thread():
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+SHM = Path("/dev/shm")
+SHM_BUFFERS = "deepspeed_allreduce_buffer_*"
+
+
+def _is_xdist_worker(session):
+    return hasattr(session.config, "workerinput")
+
+
+def pytest_sessionstart(session):
+    if not _is_xdist_worker(session):
+        session.config._shm_before = set(SHM.glob(SHM_BUFFERS)) if SHM.is_dir() else set()
+
+
+def pytest_sessionfinish(session):
     """DeepSpeed's CPU all-reduce leaves a 69 MB shared-memory buffer per rank in /dev/shm (RAM) for every launch and
-    never unlinks it; remove the ones this test session made."""
-    shm = Path("/dev/shm")
-    before = set(shm.glob("deepspeed_allreduce_buffer_*")) if shm.is_dir() else set()
-    yield
-    if shm.is_dir():
-        for path in set(shm.glob("deepspeed_allreduce_buffer_*")) - before:
+    never unlinks it; remove the ones this test run made, once every worker is done (the main process)."""
+    if not _is_xdist_worker(session) and SHM.is_dir():
+        for path in set(SHM.glob(SHM_BUFFERS)) - getattr(session.config, "_shm_before", set()):
             path.unlink(missing_ok=True)
 
 
