@@ -149,6 +149,58 @@ def test_bf16_chunked_loss_equals_the_bf16_full_logits_loss():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
 
 
+def _force_vocab_blocks(monkeypatch):
+    """lm_logits' CPU vocabulary blocks at test size: blocks of 64 of the 300 entries (the last one 44), any row count;
+    and the loss's fp32 softmax passes 4 rows at a time (15 labelled rows: 4 + 4 + 4 + 3)."""
+    monkeypatch.setattr(modeling_chatglm, "CPU_VOCAB_BLOCK", 64)
+    monkeypatch.setattr(modeling_chatglm, "CPU_VOCAB_BLOCK_MIN_ROWS", 1)
+    monkeypatch.setattr(modeling_chatglm, "LOG_SOFTMAX_ROWS_BYTES", 4 * 4 * VOCAB)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_vocabulary_blocked_logits_equal_one_matmul(monkeypatch, dtype):
+    _force_vocab_blocks(monkeypatch)
+    g = torch.Generator().manual_seed(1)
+    hidden, weight = torch.randn(40, 64, generator=g).to(dtype), torch.randn(VOCAB, 64, generator=g).to(dtype)
+    with torch.no_grad():
+        got, want = modeling_chatglm.lm_logits(hidden, weight), hidden @ weight.t()
+        cast = modeling_chatglm.lm_logits(hidden.float(), weight.float(), dtype)  # operands cast as autocast would
+    assert got.shape == (40, VOCAB) and got.dtype == dtype and torch.equal(cast, got)
+    # the same dot products: fp32 equal up to summation order; bf16 within one rounding step of the result
+    torch.testing.assert_close(got.float(), want.float(), rtol=1e-6 if dtype == torch.float32 else 2**-7, atol=1e-5)
+    calls = []
+    plain_mm = torch.mm
+    monkeypatch.setattr(torch, "mm", lambda *a, **k: calls.append(1) or plain_mm(*a, **k))
+    with torch.enable_grad():  # differentiable calls keep the one matmul
+        assert torch.equal(modeling_chatglm.lm_logits(hidden, weight), want)
+    monkeypatch.setattr(modeling_chatglm, "CPU_VOCAB_BLOCK_MAX_HIDDEN", 63)  # as do hidden sizes above the limit
+    with torch.no_grad():
+        assert torch.equal(modeling_chatglm.lm_logits(hidden, weight), want)
+    assert not calls
+
+
+def test_vocabulary_blocked_loss_gradients_and_eval_logits_equal_the_references(monkeypatch):
+    _force_vocab_blocks(monkeypatch)
+    calls = []
+    plain_mm = torch.mm
+    monkeypatch.setattr(torch, "mm", lambda *a, **k: calls.append(k.get("out") is not None) or plain_mm(*a, **k))
+    ids, mask, labels = training_batch()
+    model, reference = make_model(), make_model()
+    model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()  # blocked forward and recomputation
+    assert sum(calls) == 2 * 5
+    want_loss = reference_loss(reference, ids, mask, labels)
+    want_loss.backward()
+    grads = dict(reference.named_parameters())
+    for name, p in model.named_parameters():
+        assert (p.grad - grads[name].grad).abs().max() <= 1e-6 * grads[name].grad.abs().max(), name
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, labels=labels)  # evaluation: blocked logits and loss
+        hidden = model.transformer(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert sum(calls) == 3 * 5
+    torch.testing.assert_close(out.logits, model.lm_head(hidden), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out.loss, want_loss.detach(), rtol=1e-6, atol=0)
+
+
 PEAK_CHILD = """
 import json, sys
 import torch, torch.nn.functional as F
@@ -189,3 +241,37 @@ def test_training_step_at_2048_tokens_needs_one_fp32_logits_tensor_less_memory()
     print(f"peak RSS: full logits {full['peak'] / 1e9:.2f} GB, chunked {chunked['peak'] / 1e9:.2f} GB")
     assert abs(full["loss"] - chunked["loss"]) <= 1e-5 * full["loss"]
     assert full["peak"] - chunked["peak"] >= logits_bytes
+
+
+LOSS_GROWTH_CHILD = """
+import json, torch
+from modeling_chatglm import ChunkCrossEntropy
+def rss(field):
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(field + ":"))
+torch.manual_seed(0)
+hidden = torch.randn(1226, 64, dtype=torch.bfloat16, requires_grad=True)
+weight = torch.randn(32000, 64, dtype=torch.bfloat16, requires_grad=True)
+labels = torch.randint(0, 32000, (1226,))
+before = rss("VmRSS")
+loss = ChunkCrossEntropy.apply(hidden, weight, labels)
+after_forward = rss("VmHWM")
+loss.backward()
+print(json.dumps({"forward": after_forward - before, "step": rss("VmHWM") - before}))
+"""
+
+
+def test_the_loss_needs_its_logits_and_two_row_buffers_not_a_transient_per_row_block():
+    """1226 x 32000 bf16 logits (78 MB) in ten row blocks: fresh fp32 transients per block grew the RSS by 240 MB
+    (glibc's heap fragmented by the small results between them); reused buffers keep it at the logits plus ~32 MB.
+    Backward: the recomputed logits (whose buffer takes their gradient), one row buffer and the two weight-sized
+    gradients."""
+    proc = subprocess.run([sys.executable, "-c", LOSS_GROWTH_CHILD], cwd=REPO, capture_output=True, text=True,
+                          check=True)
+    grown = json.loads(proc.stdout.splitlines()[-1])
+    logits = 1226 * 32000 * 2
+    buffers = 2 * modeling_chatglm.LOG_SOFTMAX_ROWS_BYTES
+    print(f"RSS growth: forward {grown['forward'] / 1e6:.0f} MB, step {grown['step'] / 1e6:.0f} MB "
+          f"(logits {logits / 1e6:.0f} MB)")
+    slack = 32 * 2**20  # the interpreter's own small allocations; measured 125 MB for the forward (bound 146)
+    assert grown["forward"] <= logits + buffers + slack
+    assert grown["step"] <= 2 * logits + buffers + slack
