@@ -389,10 +389,10 @@ class ChunkCrossEntropy(torch.autograd.Function):
         rows = max(1, LOG_SOFTMAX_ROWS_BYTES // (4 * grad_logits.shape[1]))
         (buffer,) = _row_buffers(grad_logits, rows, 1)
         for start in range(0, len(labels), rows):  # a few rows at a time: the fp32 transient stays in cache
-            part = slice(start, start + rows)
-            probs = buffer[:len(labels[part])]
+            part, wanted = slice(start, start + rows), labels[start:start + rows]
+            probs = buffer[:len(wanted)]
             torch.sub(grad_logits[part], lse[part, None], out=probs).exp_()  # fp32: lse is
-            probs[torch.arange(len(probs), device=labels.device), labels[part]] -= 1
+            probs[torch.arange(len(probs), device=labels.device), wanted] -= 1
             grad_logits[part] = probs.mul_(grad)
         dtype = grad_logits.dtype
         grad_hidden = (grad_logits @ weight.to(dtype)).to(hidden.dtype) if ctx.needs_input_grad[0] else None

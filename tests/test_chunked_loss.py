@@ -201,7 +201,14 @@ def test_vocabulary_blocked_loss_gradients_and_eval_logits_equal_the_references(
     torch.testing.assert_close(out.loss, want_loss.detach(), rtol=1e-6, atol=0)
 
 
-PEAK_CHILD = """
+# Child side: this process's own memory figures. VmHWM (the peak), not ru_maxrss: a child's ru_maxrss includes this
+# (pytest) process's RSS at the fork, which late in a full run is larger than the child's own peak.
+RSS_CHILD = """
+def rss(field):
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(field + ":"))
+"""
+
+PEAK_CHILD = RSS_CHILD + """
 import json, sys
 import torch, torch.nn.functional as F
 from configuration_chatglm import ChatGLMConfig
@@ -221,15 +228,12 @@ else:
     loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
     del logits
 loss.backward()
-peak = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-print(json.dumps({"peak": peak, "loss": loss.item()}))
+print(json.dumps({"peak": rss("VmHWM"), "loss": loss.item()}))
 """
 
 
 def _training_step_peak(mode):
-    """Peak RSS (bytes) of a fresh process doing one forward+backward at 2048 tokens x vocab 130528. VmHWM, not
-    ru_maxrss: a child's ru_maxrss includes this (pytest) process's RSS at the fork, which late in a full run is
-    larger than the child's own peak."""
+    """Peak RSS (bytes) of a fresh process doing one forward+backward at 2048 tokens x vocab 130528."""
     proc = subprocess.run([sys.executable, "-c", PEAK_CHILD, mode], cwd=REPO, capture_output=True, text=True,
                           check=True)
     return json.loads(proc.stdout.splitlines()[-1])
@@ -243,11 +247,9 @@ def test_training_step_at_2048_tokens_needs_one_fp32_logits_tensor_less_memory()
     assert full["peak"] - chunked["peak"] >= logits_bytes
 
 
-LOSS_GROWTH_CHILD = """
+LOSS_GROWTH_CHILD = RSS_CHILD + """
 import json, torch
 from modeling_chatglm import ChunkCrossEntropy
-def rss(field):
-    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(field + ":"))
 torch.manual_seed(0)
 hidden = torch.randn(1226, 64, dtype=torch.bfloat16, requires_grad=True)
 weight = torch.randn(32000, 64, dtype=torch.bfloat16, requires_grad=True)
