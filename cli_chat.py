@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from glm_tune.arguments import add_model_arguments, add_sampling_arguments
+from glm_tune.arguments import add_compile_argument, add_model_arguments, add_sampling_arguments
 from glm_tune.errors import exit_on_user_error
 from glm_tune.loading import load_model_and_tokenizer
 from glm_tune.terminal_chat import terminal_chat
@@ -26,6 +26,7 @@ _MAY_STILL_CHANGE = tuple(",!:;?")
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser, ptuning=True)
+    add_compile_argument(parser)
     add_sampling_arguments(parser, do_sample=True, max_length=True)
     return parser.parse_args(argv)
 
@@ -50,7 +51,8 @@ def main(argv=None, stdin=None, out=None):
     stdin, out = stdin or sys.stdin, out or sys.stdout
     model, tokenizer = load_model_and_tokenizer(args.model_name_or_path, args.lora_path, args.dtype,
                                                 merge_adapter=True, revision=args.revision,
-                                                ptuning_checkpoint=args.ptuning_checkpoint, pack_for_cpu=True)
+                                                ptuning_checkpoint=args.ptuning_checkpoint,
+                                                pack_for_cpu=True, compile_decoding=args.compile_decoding)
     if torch.cuda.is_available():
         model = model.cuda()
     generation = dict(max_length=args.max_length, do_sample=args.do_sample, temperature=args.temperature,

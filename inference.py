@@ -11,7 +11,7 @@ rows carry answers, the exact-match accuracy is printed.
 
 import argparse
 
-from glm_tune.arguments import DEMO_TEST, add_model_arguments
+from glm_tune.arguments import DEMO_TEST, add_compile_argument, add_model_arguments
 from glm_tune.data import read_records
 from glm_tune.errors import exit_on_user_error
 from glm_tune.generation import generate_answers
@@ -22,6 +22,7 @@ from glm_tune.metrics import exact_match
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser, ptuning=True)
+    add_compile_argument(parser)
     parser.add_argument("--prompt", action="append", default=[], help="a raw prompt (repeatable); used as is")
     parser.add_argument("--input_file", default=None,
                         help=f"JSON/JSONL rows in a training format (default without --prompt: {DEMO_TEST.name} of "
@@ -36,7 +37,7 @@ def main(argv=None):
     args = parse_args(argv)
     model, tokenizer = load_model_and_tokenizer(args.model_name_or_path, args.lora_path, args.dtype,
                                                 revision=args.revision, ptuning_checkpoint=args.ptuning_checkpoint,
-                                                pack_for_cpu=True)
+                                                pack_for_cpu=True, compile_decoding=args.compile_decoding)
     if args.prompt:
         pairs = [(p, None) for p in args.prompt]
     else:

@@ -679,12 +679,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
             hidden_states = hidden_states[:, logits_to_keep]
         if return_logits is None:
             return_logits = labels is None or not torch.is_grad_enabled()
-        logits = None
-        if return_logits and not torch.is_grad_enabled() and _plain_linear(self.lm_head):
-            flat = lm_logits(hidden_states.flatten(0, -2), self.lm_head.weight, autocast_dtype(hidden_states.device.type))
-            logits = flat.view(*hidden_states.shape[:-1], -1)
-        elif return_logits:
-            logits = self.lm_head(hidden_states)
+        logits = self.output_logits(hidden_states) if return_logits else None
 
         # Loss in fp32 whatever the weights' dtype (the seed's CastOutputToFloat). With `num_items_in_batch` (the
         # labelled tokens of a whole accumulation window, over every process) it is the window's token sum divided by
@@ -703,7 +698,23 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
                 loss = loss / torch.as_tensor(num_items_in_batch, device=loss.device)
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache)
 
+    def output_logits(self, hidden_states):
+        """The LM head's logits of `hidden_states`; without gradients, in vocabulary blocks where that is faster."""
+        if not torch.is_grad_enabled() and _plain_linear(self.lm_head):
+            flat = lm_logits(hidden_states.flatten(0, -2), self.lm_head.weight, autocast_dtype(hidden_states.device.type))
+            return flat.view(*hidden_states.shape[:-1], -1)
+        return self.lm_head(hidden_states)
+
     # -- generation ------------------------------------------------------------------------------------------------
+
+    def generate(self, *args, **kwargs):
+        """GenerationMixin.generate, or, after glm_tune.static_decode.enable_static_decoding(model), its static-cache
+        (optionally compiled) decoder for the calls that one supports."""
+        decoder = getattr(self, "static_decoder", None)
+        arguments = decoder.arguments(args, kwargs) if decoder is not None else None
+        if arguments is not None:
+            return decoder.generate(**arguments)
+        return super().generate(*args, **kwargs)
 
     def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
         # GLM positions cannot be extended by "+1" as generate() does for 1D ones. forward() derives them: from the

@@ -135,7 +135,7 @@ def check_tokenizer_matches(config, tokenizer, where):
 
 def load_model_and_tokenizer(model_name_or_path=None, lora_path=None, dtype="auto", device_map=None,
                              merge_adapter=False, max_memory=None, offload_folder=None, revision=None,
-                             ptuning_checkpoint=None, pack_for_cpu=False):
+                             ptuning_checkpoint=None, pack_for_cpu=False, compile_decoding="off"):
     """The base model (plus adapter, or P-Tuning v2 prefix, if given) in eval mode, and its tokenizer.
 
     merge_adapter=True adds the adapter into the base weights (one plain model, no LoRA layers left): what tensor
@@ -145,8 +145,11 @@ def load_model_and_tokenizer(model_name_or_path=None, lora_path=None, dtype="aut
     config.json's pre_seq_len / prefix_projection and the prefix encoder (kept in fp32) gets its tensors.
     pack_for_cpu=True (generation-only callers): bf16 linear layers on a CPU with native bf16 get prepacked weights
     (runtime.pack_linears_for_cpu_inference: bit-identical, about 2x faster matmuls when decoding); the model can then
-    no longer be trained, merged or saved."""
+    no longer be trained, merged or saved. compile_decoding (static_decode.COMPILE_MODES): generate() calls go through
+    a static-cache decoder, compiled in that mode (weights frozen: generation only); compiled modes skip the packing
+    (the compiler packs frozen weights itself)."""
     from glm_tune.lora import apply_adapter
+    from glm_tune.static_decode import enable_static_decoding
     from glm_tune.ptuning import load_prefix_checkpoint, read_ptuning_config
 
     if lora_path and ptuning_checkpoint:
@@ -166,9 +169,12 @@ def load_model_and_tokenizer(model_name_or_path=None, lora_path=None, dtype="aut
             model = model.merge_and_unload()
     if split_after_merge:
         model = split_model(model, device_map, max_memory, offload_folder)
-    if pack_for_cpu and device_map is None:
+    if pack_for_cpu and device_map is None and compile_decoding in (None, "off", "eager"):
         pack_linears_for_cpu_inference(model)
-    return model.eval(), load_tokenizer(folder)
+    model.eval()
+    if device_map is None:
+        enable_static_decoding(model, compile_decoding)
+    return model, load_tokenizer(folder)
 
 
 def split_model(model, device_map="auto", max_memory=None, offload_folder=None):
