@@ -98,9 +98,9 @@ def add_compile_argument(parser):
 
     parser.add_argument("--compile_decoding", default="off", choices=COMPILE_MODES,
                         help="decode with a static KV cache, compiled by torch.compile in this mode (frozen weights; "
-                             "'eager': static cache, no compilation). Pays off for one row at a time: measured on a "
-                             "2-core AMX CPU in bf16, max-autotune took 1.78x less time per token than the default "
-                             "path at batch 1 and none less at batch 8. Compiling takes tens of seconds at the first "
+                             "'eager': static cache, no compilation). Pays off for one row at a time: measured on "
+                             "a 2-core AMX CPU in bf16, max-autotune took about 1.13x less time per token than the "
+                             "default path at batch 1 and more at batch 8. Compiling takes tens of seconds at the first "
                              "answer and again for each new batch size or cache size (prompt + new tokens, rounded "
                              "up to 128) (default: %(default)s)")
 

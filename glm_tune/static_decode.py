@@ -5,9 +5,10 @@ generate() grows the model's cache, so every decode step has new shapes. Here th
 (prompt + new tokens, rounded up to SLOT_MULTIPLE) written in place, and a boolean mask over the slots says which are
 filled, so every step of one request has the same shapes and torch.compile(fullgraph=True) traces the step once.
 The step runs the model's own blocks (GLMBlock.forward); positions come from the model's own continue_positions.
-Measured with bench/bench_static_decode.py on a 2-core AMX CPU (mid shape, bf16): "max-autotune" with frozen weights
-takes 1.78x less time per token than generate() at batch 1 and none less at batch 8; the default compile mode gains
-1.26x at batch 1. In fp32 the tokens are generate()'s exactly (tested, greedy and seeded sampling).
+Measured with bench/bench_static_decode.py on a 2-core AMX CPU (mid shape, bf16, 2026-12-03, three runs): per new
+token, "max-autotune" with frozen weights took 1.12-1.15x less time than generate() at batch 1 and 0.80-0.88x (more
+time) at batch 8; the default mode 1.12x and 0.77x. A decode step there is bound by reading the weights from memory,
+which compiling does not change. In fp32 the tokens are generate()'s exactly (tested, greedy and seeded sampling).
 
 StaticDecoder.generate takes the arguments the project's callers give generate() (greedy or sampling with
 temperature / top-k / top-p, repetition penalty, min_new_tokens, EOS, padding on the left, a streamer, stopping
@@ -54,7 +55,9 @@ def decode_logits(model, ids, position_ids, cache, pos, key_real):
     visible = (torch.arange(key_real.shape[-1], device=ids.device) <= pos) & key_real
     for layer in transformer.layers:
         x = layer(x, rope, visible[:, None, None, :], None, None, cache=cache)
-    return model.output_logits(transformer.final_layernorm(x)[:, -1]).float()
+    # the LM head as a module call (not output_logits' matmul with the transposed weight): frozen, the compiler packs
+    # its weight like the others' (the head is the largest single read of a decode step)
+    return model.lm_head(transformer.final_layernorm(x)[:, -1]).float()
 
 
 class StaticDecoder:
