@@ -1,5 +1,5 @@
-"""Decoding with a static KV cache, optionally under torch.compile: `--compile_decoding` in cli_chat.py and
-inference.py (issue 16: offer it where it wins).
+"""Decoding with a static KV cache, optionally under torch.compile: `--compile_decoding` in cli_chat.py,
+inference.py and the web pages (issue 16: offer it where it wins).
 
 generate() grows the model's cache, so every decode step has new shapes. Here the cache is a fixed number of slots
 (prompt + new tokens, rounded up to SLOT_MULTIPLE) written in place, and a boolean mask over the slots says which are
@@ -167,6 +167,6 @@ def enable_static_decoding(model, mode):
     nothing). For generation-only models: compiled modes freeze the weights."""
     if mode in (None, "off"):
         return model
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    base.static_decoder = StaticDecoder(model if base is model else base, mode)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under PEFT: the ChatGLM model
+    base.static_decoder = StaticDecoder(base, mode)
     return model

@@ -1,7 +1,7 @@
 """Shared fixtures: small official-layout checkpoints built once per session, an isolated model cache.
 
 pytest.ini runs the suite in two pytest-xdist workers, one test file per worker at a time (--dist loadfile: a file's
-session and module fixtures are built once). Each worker and every process a test starts use one thread unless
+session and module fixtures are built once), the heaviest files first (HEAVY_FILES_FIRST). Each worker and every process a test starts use one thread unless
 OMP_NUM_THREADS says otherwise: the test models are tiny, and two workers already fill two cores."""
 
 import os
@@ -47,6 +47,18 @@ def one_torch_thread():
     import torch
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+# The files that take longest (CI, 2026-12-03: a training demo or several multi-process runs each), heaviest first.
+# xdist hands whole files to the two workers in collection order (--no-loadscope-reorder), each worker taking the next
+# file when it is free; starting with these keeps one worker from being left alone with a long file at the end.
+HEAVY_FILES_FIRST = ("test_finetune.py", "test_multi_gpu.py", "test_app_agent.py", "test_ptuning.py",
+                     "test_app_lora_sd.py", "test_webui.py", "test_dpo.py", "test_api.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(HEAVY_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: within a file, and for the rest
 
 
 SHM = Path("/dev/shm")

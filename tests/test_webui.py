@@ -221,6 +221,20 @@ def test_chat_page_streams_answers_with_history_and_clears(monkeypatch, base):
     assert common.LOADS[loads:] == [(None, None)]
 
 
+def test_chat_page_with_static_decoding_answers_as_without(monkeypatch):
+    """fp32, where the static decoder's tokens are generate()'s exactly (tests/test_static_decode.py)."""
+    common.load_model.clear()
+    loads = len(common.LOADS)
+    at = open_page(monkeypatch, "web_ui.py", *FAST, "--dtype", "fp32", "--compile_decoding", "eager")
+    at.chat_input(key="question").set_value("Hello").run()
+    assert_clean(at)
+    assert at.chat_message[1].markdown[0].value == greedy_answer(load_model_and_tokenizer(dtype="fp32"), "Hello")
+    assert common.LOADS[loads:] == [(None, None)]
+    model, _ = common.load_model(None, None, "fp32", None, None, "eager")  # the page's load, from the cache
+    assert model.static_decoder.mode == "eager" and common.LOADS[loads:] == [(None, None)]
+    common.load_model.clear()
+
+
 def test_checkpoint_and_adapter_from_the_command_line_and_only_configured_choices(
         monkeypatch, make_checkpoint, adapter_dir):
     checkpoint = str(make_checkpoint())
@@ -248,6 +262,7 @@ def test_checkpoint_and_adapter_from_the_command_line_and_only_configured_choice
     (["--lora_dir", "/no/such/dir"], "--lora_dir /no/such/dir: no such folder"),
     (["--temperature", "-1"], "--temperature"),
     (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--compile_decoding", "fast"], "--compile_decoding: invalid choice: 'fast'"),
 ])
 def test_bad_flags_are_one_line_errors_on_the_page(monkeypatch, flags, message):
     at = open_page(monkeypatch, "web_ui.py", *FAST, *flags)  # the later flag wins

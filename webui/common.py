@@ -13,7 +13,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from glm_tune.arguments import add_model_arguments, add_sampling_arguments
+from glm_tune.arguments import add_compile_argument, add_model_arguments, add_sampling_arguments
 from glm_tune.errors import UserError
 from glm_tune.lora import SEED_FILE
 
@@ -44,6 +44,7 @@ class ServerConfig:
     temperature: float
     top_p: float
     ptuning_checkpoint: str | None = None  # a P-Tuning v2 prefix on every model (then no LoRA adapters are offered)
+    compile_decoding: str = "off"  # glm_tune.static_decode's mode for every model
 
 
 def parse_args(argv, page, with_data_dir=False):
@@ -59,6 +60,7 @@ def parse_args(argv, page, with_data_dir=False):
                             help="folder for dataset.jsonl, preferences.jsonl and generations.jsonl (default: "
                                  f"{DEFAULT_DATA_DIR.relative_to(REPO_ROOT)})")
     add_sampling_arguments(parser, max_length=True)
+    add_compile_argument(parser)
     args = parser.parse_args(argv)
     if args.max_length < 1 or not 0 <= args.temperature <= 2 or not 0 < args.top_p <= 1:
         raise UserError(f"{page}: need --max_length >= 1, 0 <= --temperature <= 2 and 0 < --top_p <= 1")
@@ -81,6 +83,7 @@ def parse_args(argv, page, with_data_dir=False):
         temperature=args.temperature,
         top_p=args.top_p,
         ptuning_checkpoint=args.ptuning_checkpoint,
+        compile_decoding=args.compile_decoding,
     )
 
 
@@ -109,14 +112,16 @@ def page_config(title, page, with_data_dir=False):
 
 
 @st.cache_resource(max_entries=1, show_spinner="Loading the model (once per server)…")
-def load_model(model_name_or_path, lora_path, dtype, revision=None, ptuning_checkpoint=None):
+def load_model(model_name_or_path, lora_path, dtype, revision=None, ptuning_checkpoint=None,
+               compile_decoding="off"):
     """(model, tokenizer), shared by every session of this server. One entry: switching models frees the last one.
-    Every argument is part of the cache key (a P-Tuning checkpoint included)."""
+    Every argument is part of the cache key (a P-Tuning checkpoint and the --compile_decoding mode included)."""
     from glm_tune.loading import load_model_and_tokenizer
 
     start = time.perf_counter()
     model, tokenizer = load_model_and_tokenizer(model_name_or_path, lora_path, dtype, revision=revision,
-                                                ptuning_checkpoint=ptuning_checkpoint, pack_for_cpu=True)
+                                                ptuning_checkpoint=ptuning_checkpoint, pack_for_cpu=True,
+                                                compile_decoding=compile_decoding)
     LOADS.append((model_name_or_path, lora_path))
     print(f"webui: loaded {model_name_or_path or EMBEDDED} with "
           f"{'P-Tuning prefix ' + ptuning_checkpoint if ptuning_checkpoint else 'adapter ' + (lora_path or 'none')} in "
@@ -170,7 +175,8 @@ def sidebar_settings(config):
 
 def stream_answer(model_choice, query, history, settings, config, placeholder):
     """Load (or reuse) the chosen model, stream its answer to `query` into `placeholder`; -> (answer, seconds)."""
-    model, tokenizer = load_model(*model_choice, config.dtype, config.revision, config.ptuning_checkpoint)
+    model, tokenizer = load_model(*model_choice, config.dtype, config.revision, config.ptuning_checkpoint,
+                                  config.compile_decoding)
     start = time.perf_counter()
     answer = ""
     for answer, _ in model.stream_chat(tokenizer, query, history, **settings.chat_kwargs()):
