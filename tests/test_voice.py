@@ -104,8 +104,13 @@ def test_voice_matching_brings_the_median_f0_within_15_percent_of_the_reference(
     assert report["f0_error"] < 0.15  # measured under 1% for all three
     assert report["default_f0_error"] > 0.25 > report["f0_error"]  # unmatched, the default voice is far off
     assert report["rate_error"] < 0.25
-    out = synthesize(text, tmp_path / "voice.wav", settings)  # the settings reproduce the measured output
-    assert median_f0(*read_wav(out)) == pytest.approx(report["output_f0"], rel=0.01)
+    # The settings reproduce the measured output. match_voice measures the text's first CALIBRATION_CHARS in this
+    # process, whose eSpeak carries state from earlier utterances (other tests' included); synthesize() speaks the
+    # whole text in a fresh process. Measured up to 1.2% apart (CI, 2026-12-03), so within 2%, and within 15% of the
+    # reference like the measurement itself.
+    out_f0 = median_f0(*read_wav(synthesize(text, tmp_path / "voice.wav", settings)))
+    assert out_f0 == pytest.approx(report["output_f0"], rel=0.02)
+    assert abs(out_f0 / report["reference_f0"] - 1) < 0.15
 
 
 def test_loudness_envelope_has_one_value_per_video_frame_and_follows_bursts():
