@@ -149,8 +149,8 @@ def load_model_and_tokenizer(model_name_or_path=None, lora_path=None, dtype="aut
     a static-cache decoder, compiled in that mode (weights frozen: generation only); compiled modes skip the packing
     (the compiler packs frozen weights itself)."""
     from glm_tune.lora import apply_adapter
-    from glm_tune.static_decode import enable_static_decoding
     from glm_tune.ptuning import load_prefix_checkpoint, read_ptuning_config
+    from glm_tune.static_decode import enable_static_decoding
 
     if lora_path and ptuning_checkpoint:
         raise UserError("--lora_path and --ptuning_checkpoint: give one of them (a model has a LoRA adapter or a "
