@@ -13,6 +13,9 @@ Benchmarks (none selected = all three):
   --profile   torch.profiler's top --profile_rows ops by self time (CPU; CUDA: device) of one training step
               (--seq_len x --batch_size) and of one decode step (batch 1 after --prompt_len); prints tables only
 
+--train also prints the step's model TFLOP/s and MFU, --generate the decode steps' GB/s and MBU (see roofline.py for
+what is counted), against this device's measured matmul peak and read bandwidth, or --peak_tflops / --peak_gbps.
+
 The loss of a training step is computed in chunks over the labelled positions (no full fp32 logits);
 --full_logits measures the previous way (return_logits=True: full logits, one cross entropy) for comparison.
 """
@@ -34,6 +37,7 @@ from configuration_chatglm import ChatGLMConfig
 from glm_tune.checkpoint import SMALL_SHAPE
 from glm_tune.runtime import DTYPE_CHOICES, keep_freed_memory, parse_dtype
 from modeling_chatglm import ChatGLMForConditionalGeneration
+from roofline import decode_step_bytes, lora_train_flops, measured_matmul_flops, measured_read_bandwidth
 
 PRESETS = {
     "small": dict(SMALL_SHAPE, vocab_size=4032),
@@ -113,9 +117,10 @@ def bench_train(model, config, args, device):
         sync(device)
         times.append(time.perf_counter() - start)
     step = statistics.median(times)
+    flops = lora_train_flops(config, args.batch_size, args.seq_len, int((labels[:, 1:] != -100).sum()))["total"]
     # All step times are kept: on shared CPUs one slow step shows up as spread, not as a wrong median.
     return {"train_step_s": step, "train_step_times_s": [round(t, 4) for t in times],
-            "train_tokens_per_s": args.batch_size * args.seq_len / step}
+            "train_tokens_per_s": args.batch_size * args.seq_len / step, "train_model_tflops": flops / step / 1e12}
 
 
 def memory_child(args):
@@ -166,10 +171,13 @@ def bench_generate(model, config, args, device):
         timed(args.new_tokens)  # warmup
         total = timed(args.new_tokens)
         first = timed(1)  # prefill + the first token: what a user waits for
+        decode_steps_per_s = (args.new_tokens - 1) / max(total - first, 1e-9)
+        step_bytes = decode_step_bytes(model, bs, args.prompt_len + args.new_tokens // 2)  # the average context
         results[bs] = {
             "gen_tokens_per_s": bs * args.new_tokens / total,
-            "decode_tokens_per_s": bs * (args.new_tokens - 1) / max(total - first, 1e-9),
+            "decode_tokens_per_s": bs * decode_steps_per_s,
             "ttft_s": first,
+            "decode_gb_per_s": step_bytes * decode_steps_per_s / 1e9,
         }
     return results
 
@@ -222,6 +230,21 @@ def resolve(args):
     return device, parse_dtype(args.dtype, device)
 
 
+def add_utilisation(res, args, device, dtype):
+    """MFU of the training step and MBU of the decode steps, against given or measured peaks."""
+    if "train_model_tflops" in res:
+        given = args.peak_tflops is not None
+        res["peak_tflops"] = args.peak_tflops if given else measured_matmul_flops(device, dtype) / 1e12
+        res["peak_tflops_kind"] = "given" if given else f"measured, {str(dtype).split('.')[-1]} matmul"
+        res["mfu"] = res["train_model_tflops"] / res["peak_tflops"]
+    if res.get("generate"):
+        given = args.peak_gbps is not None
+        res["peak_gbps"] = args.peak_gbps if given else measured_read_bandwidth(device) / 1e9
+        res["peak_gbps_kind"] = "given" if given else "measured, read"
+        for gen in res["generate"].values():
+            gen["mbu"] = gen["decode_gb_per_s"] / res["peak_gbps"]
+
+
 def table_rows(res):
     shape = "h{hidden_size} L{num_layers} heads{num_attention_heads} ffn{inner_hidden_size} V{vocab_size}"
     rows = [(k, res[k]) for k in ("config", "dtype", "device", "threads", "loss")]
@@ -229,11 +252,20 @@ def table_rows(res):
     if "train_tokens_per_s" in res:
         rows += [(f"train tokens/s ({res['train_batch']})", f"{res['train_tokens_per_s']:.1f}"),
                  ("train step s (median)", f"{res['train_step_s']:.3f}")]
+    if "mfu" in res:
+        rows += [("train model TFLOP/s", f"{res['train_model_tflops']:.3f}"),
+                 (f"train MFU (peak {res['peak_tflops']:.2f} TFLOP/s, {res['peak_tflops_kind']})",
+                  f"{100 * res['mfu']:.1f}%")]
     if "peak_memory_gb" in res:
         note = f" (process before the model: {res['baseline_rss_gb']:.2f})" if res["baseline_rss_gb"] else ""
         label = f"peak memory GB ({res['memory_batch']}, {res['memory_kind']})"
         rows.append((label, f"{res['peak_memory_gb']:.2f}{note}"))
     rows += generation_rows("generate", res.get("generate", {}))
+    for bs, gen in res.get("generate", {}).items():
+        if "mbu" in gen:
+            rows += [(f"generate bs={bs}: decode GB/s (weights + cache)", f"{gen['decode_gb_per_s']:.2f}"),
+                     (f"generate bs={bs}: MBU (peak {res['peak_gbps']:.1f} GB/s, {res['peak_gbps_kind']})",
+                      f"{100 * gen['mbu']:.1f}%")]
     return rows
 
 
@@ -274,12 +306,20 @@ def main():
     p.add_argument("--prompt_len", type=int, default=64, help="generation prompt length (ends with [gMASK] <sop>)")
     p.add_argument("--new_tokens", type=int, default=64, help="tokens generated per row (all forced)")
     p.add_argument("--gen_batch_sizes", type=int, nargs="+", default=[1, 8], help="generation batch sizes")
+    p.add_argument("--peak_tflops", type=float,
+                   help="the device's peak TFLOP/s in --dtype for MFU (e.g. a GPU's data-sheet figure); default: "
+                        "measured here with a large matmul")
+    p.add_argument("--peak_gbps", type=float,
+                   help="the device's memory bandwidth in GB/s for MBU; default: measured here by reading a buffer "
+                        "larger than the caches")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     p.add_argument("--json", help="also write the results to this file (atomically)")
     p.add_argument("--_memory_child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.prompt_len < 3 or args.seq_len < 8 or args.memory_seq_len < 8:
         p.error("--prompt_len must be >= 3 and --seq_len / --memory_seq_len >= 8")
+    if any(v is not None and v <= 0 for v in (args.peak_tflops, args.peak_gbps)):
+        p.error("--peak_tflops and --peak_gbps must be positive")
     if not (args.train or args.memory or args.generate or args.profile):
         args.train = args.memory = args.generate = True
     torch.manual_seed(args.seed)
@@ -306,6 +346,8 @@ def main():
         if args.train:
             res.update(bench_train(model, config, args, device), train_batch=f"{args.seq_len}x{args.batch_size}")
             print(f"train: {res['train_tokens_per_s']:.1f} tokens/s", flush=True)
+        del model
+        add_utilisation(res, args, device, dtype)
     report(table_rows(res), res, args.json)
 
 

@@ -7,8 +7,9 @@ filled, so every step of one request has the same shapes and torch.compile(fullg
 The step runs the model's own blocks (GLMBlock.forward); positions come from the model's own continue_positions.
 Measured with bench/bench_static_decode.py on a 2-core AMX CPU (mid shape, bf16, 2026-12-03, three runs): per new
 token, "max-autotune" with frozen weights took 1.12-1.15x less time than generate() at batch 1 and 0.80-0.88x (more
-time) at batch 8; the default mode 1.12x and 0.77x. A decode step there is bound by reading the weights from memory,
-which compiling does not change. In fp32 the tokens are generate()'s exactly (tested, greedy and seeded sampling).
+time) at batch 8; the default mode 1.12x and 0.77x. Most of a decode step there is the linear layers' one-row
+products (oneDNN kernels compiling does not replace). In fp32 the tokens are generate()'s exactly (tested, greedy and
+seeded sampling).
 
 StaticDecoder.generate takes the arguments the project's callers give generate() (greedy or sampling with
 temperature / top-k / top-p, repetition penalty, min_new_tokens, EOS, padding on the left, a streamer, stopping
