@@ -72,10 +72,15 @@ def test_decode_bytes_are_the_weights_and_a_real_caches_keys_and_values():
         cache = model(input_ids=ids, use_cache=True).cache
     kv = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
     assert roofline.decode_step_bytes(model, batch, context) == weights + kv
-    if can_pack_linears(model):  # packing gives the head its own copy; the embedding table is read a row a token
-        pack_linears_for_cpu_inference(model)
-        rows = batch * config.hidden_size * 2
-        assert roofline.decode_step_bytes(model, batch, context) == weights + rows + kv
+    if can_pack_linears(model):  # packed as the inference scripts load it: the same bytes (the tied head stays)
+        assert pack_linears_for_cpu_inference(model) > 0
+        assert roofline.decode_step_bytes(model, batch, context) == weights + kv
+    untied = bench_model.build_model(small_config(), torch.bfloat16, torch.device("cpu"))
+    untied.lm_head.weight = torch.nn.Parameter(untied.lm_head.weight.detach().clone())  # its own table now
+    table = untied.get_input_embeddings().weight.nbytes  # now read a row a token; the head reads its own copy
+    rows = batch * config.hidden_size * 2
+    head = untied.lm_head.weight.nbytes
+    assert roofline.decode_step_bytes(untied, batch, context) == weights - table + rows + head + kv
 
 
 def test_measured_peaks_are_positive_and_timed_on_real_work():

@@ -44,3 +44,17 @@ def test_nothing_is_packed_without_bf16_weights_or_native_bf16(monkeypatch):
     monkeypatch.setattr(runtime.torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)  # an AVX2-only CPU
     assert pack_linears_for_cpu_inference(bf16) == 0
     assert not any(isinstance(m, PackedLinear) for m in bf16.modules())
+
+
+@pytest.mark.skipif(not native_bf16, reason="needs a CPU with native bf16")
+def test_a_head_tied_to_the_embeddings_stays_one_tensor():
+    # ChatGLM's LM head is the word embedding table: packing it would keep a second copy (1 GB for the 6B model).
+    model = make_model(seed=6, tie_word_embeddings=True).to(torch.bfloat16)
+    packed = make_model(seed=6, tie_word_embeddings=True).to(torch.bfloat16)
+    assert packed.lm_head.weight is packed.get_input_embeddings().weight
+    assert pack_linears_for_cpu_inference(packed) == 3 * 4  # the blocks' layers, not the head
+    assert type(packed.lm_head) is torch.nn.Linear and packed.lm_head.weight is packed.get_input_embeddings().weight
+    ids, mask = left_pad(PROMPTS)
+    with torch.inference_mode():
+        assert torch.equal(packed(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits)
+    assert torch.equal(greedy(packed, ids, mask), greedy(model, ids, mask))
