@@ -71,16 +71,24 @@ def _best_time(fn, device, repeats):
     return best
 
 
-def measured_matmul_flops(device, dtype, size=None, repeats=3):
-    """FLOP/s of the fastest of `repeats` square matmuls in `dtype` on `device`: the compute peak this machine
-    actually reaches (size: 8192 on GPUs, 4096 on CPUs, 2048 for fp32 on CPUs, where it is 10-20x slower)."""
-    if size is None:
-        size = 8192 if device.type == "cuda" else (2048 if dtype == torch.float32 else 4096)
+def _matmul_time(size, device, dtype, repeats):
     gen = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(size, size, device=device, dtype=dtype, generator=gen)
     b = torch.randn(size, size, device=device, dtype=dtype, generator=gen)
     out = torch.empty_like(a)
-    return 2 * size**3 / _best_time(lambda: torch.mm(a, b, out=out), device, repeats)
+    return _best_time(lambda: torch.mm(a, b, out=out), device, repeats)
+
+
+def measured_matmul_flops(device, dtype, size=None, repeats=3):
+    """FLOP/s of the fastest of `repeats` square matmuls in `dtype` on `device`: the compute peak this machine
+    actually reaches. Default size: doubled from 512 until one product takes 50 ms (up to 8192 on GPUs, 4096 on
+    CPUs), so a dtype the CPU only emulates (bf16 without AMX / AVX512-BF16: about 100x slower) is not timed on
+    minutes-long products."""
+    if size is None:
+        size, largest = 512, 8192 if device.type == "cuda" else 4096
+        while size < largest and _matmul_time(size, device, dtype, 1) < 0.05:
+            size *= 2
+    return 2 * size**3 / _matmul_time(size, device, dtype, repeats)
 
 
 def measured_read_bandwidth(device, megabytes=None, repeats=5):
