@@ -44,6 +44,7 @@ PRESETS = {
     "mid": dict(hidden_size=512, num_layers=8, num_attention_heads=8, inner_hidden_size=2048, vocab_size=32000),
     "6b": dict(hidden_size=4096, num_layers=28, num_attention_heads=32, inner_hidden_size=16384, vocab_size=130528),
 }
+LORA = dict(rank=8, alpha=32, dropout=0.1, target="query_key_value")  # the adapters every benchmark trains
 DIMS = ("hidden_size", "num_layers", "num_attention_heads", "inner_hidden_size", "vocab_size")
 
 
@@ -87,7 +88,7 @@ def add_lora(model, gradient_checkpointing):
     if gradient_checkpointing:
         # Non-reentrant: the reentrant variant drops LoRA gradients when a block's input (frozen embeddings) needs none.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = add_adapters(model, rank=8, alpha=32, dropout=0.1, target="query_key_value")
+    model = add_adapters(model, **LORA)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     return model, optimizer
@@ -117,7 +118,11 @@ def bench_train(model, config, args, device):
         sync(device)
         times.append(time.perf_counter() - start)
     step = statistics.median(times)
-    flops = lora_train_flops(config, args.batch_size, args.seq_len, int((labels[:, 1:] != -100).sum()))["total"]
+    from glm_tune.lora import target_modules  # imported late, as add_lora does: peft stays out of the memory baseline
+
+    labelled = int((labels[:, 1:] != -100).sum())
+    flops = lora_train_flops(config, args.batch_size, args.seq_len, labelled, LORA["rank"],
+                             target_modules(LORA["target"]))["total"]
     # All step times are kept: on shared CPUs one slow step shows up as spread, not as a wrong median.
     return {"train_step_s": step, "train_step_times_s": [round(t, 4) for t in times],
             "train_tokens_per_s": args.batch_size * args.seq_len / step, "train_model_tflops": flops / step / 1e12}
