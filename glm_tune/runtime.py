@@ -128,14 +128,22 @@ def exit_multiprocess_run():
     os._exit(0)
 
 
-# -- CPU inference: linear layers with prepacked bf16 weights ------------------------------------------------------------
+# -- CPU inference: linear layers with prepacked weights ----------------------------------------------------------------
+
+# fp32 layers are packed from this many weight elements up (16 MB). Measured on a 2-core AMD EPYC (AVX2, MKL), one
+# product at a time, prepacked oneDNN against F.linear: the 6B shape's layers (16.8M-134M elements) ran 1.1-1.3x as
+# fast at one row and 1.8-3.5x at eight rows with 2 threads (0.84-0.97x and 1.6-2.3x with 1 thread); layers of 1M
+# elements or fewer ran 0.5-0.9x as fast at one row (oneDNN's fixed cost per call) and about as fast at eight.
+FP32_PACK_MIN_ELEMENTS = 4 * 2**20
 
 
 class PackedLinear(torch.nn.Module):
-    """An nn.Linear for bf16 inference on a CPU whose weight oneDNN has reordered once, at load time, into its
-    blocked layout. Plain F.linear on bf16 runs the same oneDNN kernel but reorders the weight on every call: decoding
-    (one token, weights read from memory each step) takes about half the time packed, with bit-identical results.
-    Inference only: no gradient flows through it."""
+    """An nn.Linear for inference on a CPU whose weight oneDNN has reordered once, at load time, into its blocked
+    layout. bf16: plain F.linear runs the same oneDNN kernel but reorders the weight on every call; decoding (one
+    token, weights read from memory each step) takes about half the time packed, with bit-identical results. fp32:
+    F.linear runs MKL's kernels, whose one- and few-row products read large weights slowly; the packed kernel sums in
+    another order, so results agree within fp32 rounding, not bit for bit. Inference only: no gradient flows
+    through it."""
 
     def __init__(self, linear):
         super().__init__()
@@ -149,34 +157,41 @@ class PackedLinear(torch.nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
 
     def extra_repr(self):
-        return f"in_features={self.in_features}, out_features={self.out_features}, packed bf16"
+        dtype = str(self.packed_weight.dtype).removeprefix("torch.")
+        return f"in_features={self.in_features}, out_features={self.out_features}, packed {dtype}"
 
 
 def can_pack_linears(model):
-    """True where PackedLinear applies: bf16 weights on the CPU, and oneDNN with native bf16 (AMX / AVX512-BF16)."""
+    """True where PackedLinear applies: weights on the CPU with oneDNN, either bf16 on a CPU with native bf16 (AMX /
+    AVX512-BF16) or fp32 (then only layers of FP32_PACK_MIN_ELEMENTS or more are packed)."""
     weight = next(model.parameters())
-    return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
-            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    return weight.dtype == torch.float32 or (weight.dtype == torch.bfloat16
+                                             and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def pack_linears_for_cpu_inference(model):
-    """Every plain nn.Linear of an inference-only model becomes a PackedLinear where can_pack_linears(model), else
-    nothing changes; returns how many were packed. Layers inside PEFT adapters (their base layer is read when
-    merging) are left as they are, and so is a layer whose weight another module shares: ChatGLM's LM head is the
-    word embedding table, and packing it would keep a second copy (1 GB for the 6B model) to gain about a tenth of
-    the head's time at batch 8 and nothing at batch 1 (measured on an AMX CPU). The model can no longer be trained,
-    merged or saved afterwards."""
+def pack_linears_for_cpu_inference(model, fp32_min_elements=FP32_PACK_MIN_ELEMENTS):
+    """Every plain nn.Linear of an inference-only model becomes a PackedLinear where can_pack_linears(model) (fp32
+    layers: those with at least `fp32_min_elements` weights), else nothing changes; returns how many were packed.
+    Layers inside PEFT adapters (their base layer is read when merging) are left as they are, and so is a layer whose
+    weight another module shares: ChatGLM's LM head is the word embedding table, and packing it would keep a second
+    copy (1 GB for the 6B model in bf16) to gain about a tenth of the head's time at batch 8 and nothing at batch 1
+    (measured on an AMX CPU). The model can no longer be trained, merged or saved afterwards."""
     if not can_pack_linears(model):
         return 0
     from peft.tuners.tuners_utils import BaseTunerLayer
 
+    dtype = next(model.parameters()).dtype
     uses = collections.Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    inside_adapters = {id(m) for layer in model.modules() if isinstance(layer, BaseTunerLayer) for m in layer.modules()}
     targets = []
     for parent in model.modules():
-        if isinstance(parent, BaseTunerLayer):
+        if id(parent) in inside_adapters:  # the adapter layer itself, its base layer, and its lora_A / lora_B layers
             continue
         for name, child in parent.named_children():
-            if type(child) is torch.nn.Linear and child.weight.dtype == torch.bfloat16 and uses[id(child.weight)] == 1:
+            if (type(child) is torch.nn.Linear and child.weight.dtype == dtype and uses[id(child.weight)] == 1
+                    and (dtype != torch.float32 or child.weight.numel() >= fp32_min_elements)):
                 targets.append((parent, name, child))
     for parent, name, child in targets:
         setattr(parent, name, PackedLinear(child))
