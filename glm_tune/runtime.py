@@ -131,9 +131,10 @@ def exit_multiprocess_run():
 # -- CPU inference: linear layers with prepacked weights ----------------------------------------------------------------
 
 # fp32 layers are packed from this many weight elements up (16 MB). Measured on a 2-core AMD EPYC (AVX2, MKL), one
-# product at a time, prepacked oneDNN against F.linear: the 6B shape's layers (16.8M-134M elements) ran 1.1-1.3x as
-# fast at one row and 1.8-3.5x at eight rows with 2 threads (0.84-0.97x and 1.6-2.3x with 1 thread); layers of 1M
-# elements or fewer ran 0.5-0.9x as fast at one row (oneDNN's fixed cost per call) and about as fast at eight.
+# product at a time, prepacked oneDNN against F.linear, with 2 threads (1 thread): the 6B shape's layers (16.8M-134M
+# elements) ran 1.1-1.3x (0.84-0.97x) as fast at one row and 1.8-3.5x (1.6-2.3x) at eight rows; layers of 3M-12M
+# elements 1.07-1.7x (0.94-1.12x) and 1.35-4.5x (1.35-2.0x); layers of 1M elements or fewer 0.5-1.1x at one row
+# (oneDNN's fixed cost per call) and 0.7-1.8x at eight. The line sits above the mixed results.
 FP32_PACK_MIN_ELEMENTS = 4 * 2**20
 
 
