@@ -274,9 +274,10 @@ def test_merged_checkpoint_computes_base_plus_adapter(checkpoint, adapter, tmp_p
         remote = AutoModel.from_pretrained(out, trust_remote_code=True)
         assert type(remote).__module__.startswith("transformers_modules.")
         ours = ChatGLMForConditionalGeneration.from_pretrained(out)
-        # W + s*B@A vs W x + s*B(A x): fp32 rounding only, on logits of size ~10
+        # W + s*B@A vs W x + s*B(A x): fp32 rounding only, on logits of size ~10 (up to 3.9e-4 apart with MKL on an
+        # AMD EPYC; the adapter itself moves them by more than 1)
         for merged in (remote, ours):
-            torch.testing.assert_close(merged(**batch).logits, expected, atol=3e-4, rtol=0)
+            torch.testing.assert_close(merged(**batch).logits, expected, atol=1e-3, rtol=0)
 
 
 class Writes(io.StringIO):
