@@ -151,9 +151,9 @@ def bench_memory(args):
 def bench_generate(model, config, args, device):
     model.eval()
     if args.pack_weights:  # as inference.py, cli_chat.py, evaluate.py, the web pages and api.py load models
-        from glm_tune.runtime import can_pack_linears, pack_linears_for_cpu_inference
+        from glm_tune.runtime import pack_linears_for_cpu_inference, packable_linears
 
-        if can_pack_linears(model):  # a copy: training (LoRA on nn.Linear) may follow on `model`
+        if packable_linears(model):  # a copy: training (LoRA on nn.Linear) may follow on `model`
             model = copy.deepcopy(model)
             pack_linears_for_cpu_inference(model)
     gen = torch.Generator().manual_seed(1)

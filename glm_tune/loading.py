@@ -146,9 +146,10 @@ def load_model_and_tokenizer(model_name_or_path=None, lora_path=None, dtype="aut
     pack_for_cpu=True (generation-only callers): linear layers on the CPU get weights prepacked for oneDNN
     (runtime.pack_linears_for_cpu_inference): bf16 ones on a CPU with native bf16 (bit-identical, about 2x faster
     matmuls when decoding), fp32 ones of 16 MB or more (within fp32 rounding; 1.1-1.3x faster at one row and 1.8-3.5x
-    at eight for the 6B shape's layers on 2 AVX2 cores); the model can then no longer be trained, merged or saved. compile_decoding (static_decode.COMPILE_MODES): generate() calls go through
-    a static-cache decoder, compiled in that mode (weights frozen: generation only); compiled modes skip the packing
-    (the compiler packs frozen weights itself)."""
+    at eight for the 6B shape's layers on 2 AVX2 cores); the model can then no longer be trained, merged or saved.
+    compile_decoding (static_decode.COMPILE_MODES): generate() calls go through a static-cache decoder, compiled in
+    that mode (weights frozen: generation only); compiled modes skip the packing (the compiler packs frozen weights
+    itself)."""
     from glm_tune.lora import apply_adapter
     from glm_tune.ptuning import load_prefix_checkpoint, read_ptuning_config
     from glm_tune.static_decode import enable_static_decoding

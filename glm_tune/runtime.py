@@ -128,7 +128,7 @@ def exit_multiprocess_run():
     os._exit(0)
 
 
-# -- CPU inference: linear layers with prepacked weights ----------------------------------------------------------------
+# -- CPU inference: linear layers with prepacked weights ---------------------------------------------------------------
 
 # fp32 layers are packed from this many weight elements up (16 MB). Measured on a 2-core AMD EPYC (AVX2, MKL), one
 # product at a time, prepacked oneDNN against F.linear, with 2 threads (1 thread): the 6B shape's layers (16.8M-134M
@@ -172,6 +172,23 @@ def can_pack_linears(model):
                                              and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+def packable_linears(model, fp32_min_elements=FP32_PACK_MIN_ELEMENTS):
+    """(parent, name, layer) of each nn.Linear that pack_linears_for_cpu_inference would pack; [] where
+    can_pack_linears(model) is false."""
+    if not can_pack_linears(model):
+        return []
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    dtype = next(model.parameters()).dtype
+    uses = collections.Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    inside_adapters = {id(m) for layer in model.modules() if isinstance(layer, BaseTunerLayer) for m in layer.modules()}
+    return [(parent, name, child)
+            for parent in model.modules() if id(parent) not in inside_adapters  # adapter, base and lora_A/B layers
+            for name, child in parent.named_children()
+            if type(child) is torch.nn.Linear and child.weight.dtype == dtype and uses[id(child.weight)] == 1
+            and (dtype != torch.float32 or child.weight.numel() >= fp32_min_elements)]
+
+
 def pack_linears_for_cpu_inference(model, fp32_min_elements=FP32_PACK_MIN_ELEMENTS):
     """Every plain nn.Linear of an inference-only model becomes a PackedLinear where can_pack_linears(model) (fp32
     layers: those with at least `fp32_min_elements` weights), else nothing changes; returns how many were packed.
@@ -179,21 +196,7 @@ def pack_linears_for_cpu_inference(model, fp32_min_elements=FP32_PACK_MIN_ELEMEN
     weight another module shares: ChatGLM's LM head is the word embedding table, and packing it would keep a second
     copy (1 GB for the 6B model in bf16) to gain about a tenth of the head's time at batch 8 and nothing at batch 1
     (measured on an AMX CPU). The model can no longer be trained, merged or saved afterwards."""
-    if not can_pack_linears(model):
-        return 0
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    dtype = next(model.parameters()).dtype
-    uses = collections.Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
-    inside_adapters = {id(m) for layer in model.modules() if isinstance(layer, BaseTunerLayer) for m in layer.modules()}
-    targets = []
-    for parent in model.modules():
-        if id(parent) in inside_adapters:  # the adapter layer itself, its base layer, and its lora_A / lora_B layers
-            continue
-        for name, child in parent.named_children():
-            if (type(child) is torch.nn.Linear and child.weight.dtype == dtype and uses[id(child.weight)] == 1
-                    and (dtype != torch.float32 or child.weight.numel() >= fp32_min_elements)):
-                targets.append((parent, name, child))
+    targets = packable_linears(model, fp32_min_elements)
     for parent, name, child in targets:
         setattr(parent, name, PackedLinear(child))
     return len(targets)

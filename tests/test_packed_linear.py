@@ -43,7 +43,7 @@ def test_nothing_is_packed_without_native_bf16_or_in_small_fp32_layers(monkeypat
     fp32 = make_model(seed=5)
     assert can_pack_linears(fp32)  # fp32 layers can be packed, but these are far below FP32_PACK_MIN_ELEMENTS
     assert pack_linears_for_cpu_inference(fp32) == 0
-    assert pack_linears_for_cpu_inference(fp32, fp32_min_elements=256 * 64 + 1) == 1  # the LM head, 4096 x 64
+    assert pack_linears_for_cpu_inference(fp32, fp32_min_elements=256 * 64 + 1) == 1  # the LM head, 300 x 64
     bf16 = make_model(seed=5).to(torch.bfloat16)
     monkeypatch.setattr(runtime.torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)  # an AVX2-only CPU
     assert pack_linears_for_cpu_inference(bf16) == 0
