@@ -179,6 +179,56 @@ def test_vocabulary_blocked_logits_equal_one_matmul(monkeypatch, dtype):
     assert not calls
 
 
+def test_few_fp32_rows_take_the_tall_product_and_equal_one_matmul(monkeypatch):
+    """Decoding at batch 2..64 in fp32 on the CPU computes logits as weight @ hidden.T (forced here at test size)."""
+    monkeypatch.setattr(modeling_chatglm, "CPU_TALL_MIN_ELEMENTS", 0)
+    g = torch.Generator().manual_seed(2)
+    weight = torch.randn(VOCAB, 64, generator=g)
+    calls = []
+    plain_mm = torch.mm
+    monkeypatch.setattr(torch, "mm", lambda a, b, **k: calls.append(a is weight) or plain_mm(a, b, **k))
+    for rows, tall in ((1, False), (2, True), (8, True), (64, True), (65, False)):
+        hidden = torch.randn(rows, 64, generator=g)
+        calls.clear()
+        with torch.no_grad():
+            got = modeling_chatglm.lm_logits(hidden, weight)
+        assert calls == ([True] if tall else []), rows
+        assert got.shape == (rows, VOCAB) and got.is_contiguous()
+        # the same dot products, summed in another order
+        torch.testing.assert_close(got, hidden @ weight.t(), rtol=1e-6, atol=1e-5)
+        calls.clear()
+        with torch.no_grad():
+            modeling_chatglm.lm_logits(hidden.bfloat16(), weight.bfloat16())  # bf16 keeps one matmul
+            modeling_chatglm.lm_logits(hidden.bfloat16(), weight, torch.bfloat16)
+        with torch.enable_grad():
+            modeling_chatglm.lm_logits(hidden, weight)  # and so do differentiable calls
+        assert not any(calls), rows
+    monkeypatch.setattr(modeling_chatglm, "CPU_TALL_MIN_ELEMENTS", VOCAB * 64 + 1)  # a head below the size limit
+    with torch.no_grad():
+        modeling_chatglm.lm_logits(torch.randn(8, 64, generator=g), weight)
+    assert not any(calls)
+
+
+def test_batched_greedy_decoding_with_the_tall_product_gives_the_same_tokens(monkeypatch, model):
+    ids = torch.tensor([[5, 6, 7, GMASK, SOP], [8, 9, 10, GMASK, SOP], [11, 12, 13, GMASK, SOP], [14, 15, 16, GMASK, SOP]])
+    kwargs = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False)
+    monkeypatch.setattr(modeling_chatglm, "CPU_TALL_ROWS", (0, -1))  # never
+    with torch.inference_mode():
+        want = model.generate(ids, **kwargs)
+        want_logits = model(want).logits
+    monkeypatch.setattr(modeling_chatglm, "CPU_TALL_ROWS", (2, 64))
+    monkeypatch.setattr(modeling_chatglm, "CPU_TALL_MIN_ELEMENTS", 0)
+    calls = []
+    plain_mm = torch.mm
+    monkeypatch.setattr(torch, "mm", lambda a, b, **k: calls.append(a is model.lm_head.weight) or plain_mm(a, b, **k))
+    with torch.inference_mode():
+        got = model.generate(ids, **kwargs)
+    assert sum(calls) == 10  # the prefill's last positions and every decode step: 4 rows each
+    assert torch.equal(got, want)
+    with torch.inference_mode():  # one forward over 4 x 15 positions: 60 rows, the tall product too
+        torch.testing.assert_close(model(want).logits, want_logits, rtol=1e-5, atol=1e-5)
+
+
 def test_vocabulary_blocked_loss_gradients_and_eval_logits_equal_the_references(monkeypatch):
     _force_vocab_blocks(monkeypatch)
     calls = []
