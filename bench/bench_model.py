@@ -9,7 +9,7 @@ Benchmarks (none selected = all three):
   --train     LoRA (r=8, alpha=32, dropout 0.1 on query_key_value) forward+backward+AdamW step, tokens/s (median)
   --memory    peak memory of one training step at --memory_seq_len x batch 1, in a fresh subprocess
               (CPU: peak RSS of that process; CUDA: torch.cuda.max_memory_allocated; both include the weights)
-  --generate  greedy generate() with KV cache: new tokens/s and time to first token, at each --gen_batch_sizes
+  --generate  greedy generate() with KV cache: new tokens/s and time to first token (median of 3), at each --gen_batch_sizes
   --profile   torch.profiler's top --profile_rows ops by self time (CPU; CUDA: device) of one training step
               (--seq_len x --batch_size) and of one decode step (batch 1 after --prompt_len); prints tables only
 
@@ -175,7 +175,7 @@ def bench_generate(model, config, args, device):
 
         timed(args.new_tokens)  # warmup
         total = timed(args.new_tokens)
-        first = timed(1)  # prefill + the first token: what a user waits for
+        first = statistics.median(timed(1) for _ in range(3))  # prefill + the first token: what a user waits for
         decode_steps_per_s = (args.new_tokens - 1) / max(total - first, 1e-9)
         step_bytes = decode_step_bytes(model, bs, args.prompt_len + args.new_tokens // 2)  # the average context
         results[bs] = {
