@@ -339,11 +339,11 @@ def lm_logits(hidden, weight, dtype=None):
     if dtype is not None:
         hidden, weight = hidden.to(dtype), weight.to(dtype)
     rows = hidden.shape[0]
-    cpu = hidden.device.type == "cpu" and hidden.dtype == weight.dtype and not torch.is_grad_enabled()
-    if (cpu and hidden.dtype == torch.float32 and CPU_TALL_ROWS[0] <= rows <= CPU_TALL_ROWS[1]
+    cpu_no_grad = hidden.device.type == "cpu" and hidden.dtype == weight.dtype and not torch.is_grad_enabled()
+    if (cpu_no_grad and hidden.dtype == torch.float32 and CPU_TALL_ROWS[0] <= rows <= CPU_TALL_ROWS[1]
             and weight.numel() >= CPU_TALL_MIN_ELEMENTS):
         return torch.mm(weight, hidden.t()).t().contiguous()
-    if (not cpu or rows < CPU_VOCAB_BLOCK_MIN_ROWS or hidden.shape[1] > CPU_VOCAB_BLOCK_MAX_HIDDEN
+    if (not cpu_no_grad or rows < CPU_VOCAB_BLOCK_MIN_ROWS or hidden.shape[1] > CPU_VOCAB_BLOCK_MAX_HIDDEN
             or weight.shape[0] < 2 * CPU_VOCAB_BLOCK):
         return hidden @ weight.t()
     out = hidden.new_empty(rows, weight.shape[0])

@@ -149,6 +149,14 @@ def test_bf16_chunked_loss_equals_the_bf16_full_logits_loss():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
 
 
+def _record_mm(monkeypatch, probe):
+    """torch.mm still computes, and each call appends probe(args, kwargs) to the returned list."""
+    calls = []
+    plain_mm = torch.mm
+    monkeypatch.setattr(torch, "mm", lambda *a, **k: calls.append(probe(a, k)) or plain_mm(*a, **k))
+    return calls
+
+
 def _force_vocab_blocks(monkeypatch):
     """lm_logits' CPU vocabulary blocks at test size: blocks of 64 of the 300 entries (the last one 44), any row count;
     and the loss's fp32 softmax passes 4 rows at a time (15 labelled rows: 4 + 4 + 4 + 3)."""
@@ -168,9 +176,7 @@ def test_vocabulary_blocked_logits_equal_one_matmul(monkeypatch, dtype):
     assert got.shape == (40, VOCAB) and got.dtype == dtype and torch.equal(cast, got)
     # the same dot products: fp32 equal up to summation order; bf16 within one rounding step of the result
     torch.testing.assert_close(got.float(), want.float(), rtol=1e-6 if dtype == torch.float32 else 2**-7, atol=1e-5)
-    calls = []
-    plain_mm = torch.mm
-    monkeypatch.setattr(torch, "mm", lambda *a, **k: calls.append(1) or plain_mm(*a, **k))
+    calls = _record_mm(monkeypatch, lambda a, k: 1)
     with torch.enable_grad():  # differentiable calls keep the one matmul
         assert torch.equal(modeling_chatglm.lm_logits(hidden, weight), want)
     monkeypatch.setattr(modeling_chatglm, "CPU_VOCAB_BLOCK_MAX_HIDDEN", 63)  # as do hidden sizes above the limit
@@ -184,9 +190,7 @@ def test_few_fp32_rows_take_the_tall_product_and_equal_one_matmul(monkeypatch):
     monkeypatch.setattr(modeling_chatglm, "CPU_TALL_MIN_ELEMENTS", 0)
     g = torch.Generator().manual_seed(2)
     weight = torch.randn(VOCAB, 64, generator=g)
-    calls = []
-    plain_mm = torch.mm
-    monkeypatch.setattr(torch, "mm", lambda a, b, **k: calls.append(a is weight) or plain_mm(a, b, **k))
+    calls = _record_mm(monkeypatch, lambda a, k: a[0] is weight)
     for rows, tall in ((1, False), (2, True), (8, True), (64, True), (65, False)):
         hidden = torch.randn(rows, 64, generator=g)
         calls.clear()
@@ -218,9 +222,7 @@ def test_batched_greedy_decoding_with_the_tall_product_gives_the_same_tokens(mon
         want_logits = model(want).logits
     monkeypatch.setattr(modeling_chatglm, "CPU_TALL_ROWS", (2, 64))
     monkeypatch.setattr(modeling_chatglm, "CPU_TALL_MIN_ELEMENTS", 0)
-    calls = []
-    plain_mm = torch.mm
-    monkeypatch.setattr(torch, "mm", lambda a, b, **k: calls.append(a is model.lm_head.weight) or plain_mm(a, b, **k))
+    calls = _record_mm(monkeypatch, lambda a, k: a[0] is model.lm_head.weight)
     with torch.inference_mode():
         got = model.generate(ids, **kwargs)
     assert sum(calls) == 10  # the prefill's last positions and every decode step: 4 rows each
@@ -231,9 +233,7 @@ def test_batched_greedy_decoding_with_the_tall_product_gives_the_same_tokens(mon
 
 def test_vocabulary_blocked_loss_gradients_and_eval_logits_equal_the_references(monkeypatch):
     _force_vocab_blocks(monkeypatch)
-    calls = []
-    plain_mm = torch.mm
-    monkeypatch.setattr(torch, "mm", lambda *a, **k: calls.append(k.get("out") is not None) or plain_mm(*a, **k))
+    calls = _record_mm(monkeypatch, lambda a, k: k.get("out") is not None)
     ids, mask, labels = training_batch()
     model, reference = make_model(), make_model()
     model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()  # blocked forward and recomputation
